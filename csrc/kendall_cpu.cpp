@@ -1,0 +1,159 @@
+// Fused CPU kernel: per-row loss and gradients in one pass over the unordered pairs, O(B*C) extra memory.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "kendall.h"
+#include "kendall_checks.h"
+
+namespace rankkd {
+namespace {
+
+// The vectorized pair loops are compiled for several x86 levels and the best one is picked when the library loads,
+// so one build runs on any x86-64 and still uses AVX-512/AVX2/FMA where the CPU has them.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define RANKKD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "fma", "default")))
+#else
+#define RANKKD_CPU_CLONES
+#endif
+#define RANKKD_ALWAYS_INLINE inline __attribute__((always_inline))
+
+RANKKD_ALWAYS_INLINE float tanh_of(float x) { return rational_tanh(x); }
+RANKKD_ALWAYS_INLINE double tanh_of(double x) { return std::tanh(x); }
+
+// Sums tanh(k(s_i - s_j)) g(t_i - t_j) over i < j and accumulates the unscaled gradients
+// sum_j sech^2_s g and sum_j tanh_s sech^2_t into gs and gt (zeroed by the caller). Each (i, j) is evaluated once:
+// what it adds to i it subtracts from j. Fixed loop order and fixed lane split: the result is deterministic.
+template <typename T, bool kSign, bool kGradS, bool kGradT>
+RANKKD_ALWAYS_INLINE double row_pairs(const T* __restrict__ s, const T* __restrict__ t, int64_t n, T k,
+                                      T* __restrict__ gs, T* __restrict__ gt) {
+  double total = 0.0;
+  for (int64_t i = 0; i + 1 < n; ++i) {
+    const T si = s[i];
+    const T ti = t[i];
+    T sum_i = 0, gs_i = 0, gt_i = 0;
+#pragma omp simd reduction(+ : sum_i, gs_i, gt_i)
+    for (int64_t j = i + 1; j < n; ++j) {
+      const T a = tanh_of(k * (si - s[j]));
+      const T b = kSign ? sign_of(ti - t[j]) : tanh_of(k * (ti - t[j]));
+      sum_i += a * b;
+      if (kGradS) {
+        const T d = (T(1) - a * a) * b;
+        gs_i += d;
+        gs[j] -= d;
+      }
+      if (kGradT) {
+        const T d = a * (T(1) - b * b);
+        gt_i += d;
+        gt[j] -= d;
+      }
+    }
+    total += static_cast<double>(sum_i);
+    if (kGradS) gs[i] += gs_i;
+    if (kGradT) gt[i] += gt_i;
+  }
+  return total;
+}
+
+template <typename T>
+RANKKD_ALWAYS_INLINE double row_pairs_any(const T* s, const T* t, int64_t n, T k, bool sign, T* gs, T* gt) {
+  if (sign) {
+    return gs ? row_pairs<T, true, true, false>(s, t, n, k, gs, gt) : row_pairs<T, true, false, false>(s, t, n, k, gs, gt);
+  }
+  if (gs && gt) return row_pairs<T, false, true, true>(s, t, n, k, gs, gt);
+  if (gs) return row_pairs<T, false, true, false>(s, t, n, k, gs, gt);
+  if (gt) return row_pairs<T, false, false, true>(s, t, n, k, gs, gt);
+  return row_pairs<T, false, false, false>(s, t, n, k, gs, gt);
+}
+
+RANKKD_CPU_CLONES double pair_sum(const float* s, const float* t, int64_t n, float k, bool sign, float* gs, float* gt) {
+  return row_pairs_any<float>(s, t, n, k, sign, gs, gt);
+}
+
+double pair_sum(const double* s, const double* t, int64_t n, double k, bool sign, double* gs, double* gt) {
+  return row_pairs_any<double>(s, t, n, k, sign, gs, gt);
+}
+
+template <typename scalar_t, typename acc_t>
+void kendall_rows(const scalar_t* student, const scalar_t* teacher, int64_t rows, int64_t n, acc_t k, bool sign,
+                  acc_t* loss, acc_t* grad_s, acc_t* grad_t) {
+  const acc_t c = static_cast<acc_t>(pair_scale(n));
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  // A row costs n^2/2 pair evaluations: give each thread at least ~64k of them.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / (n * n));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> s_buf, t_buf;
+    if (!std::is_same<scalar_t, acc_t>::value) {
+      s_buf.resize(n);
+      t_buf.resize(n);
+    }
+    for (int64_t r = begin; r < end; ++r) {
+      const acc_t* s;
+      const acc_t* t;
+      if constexpr (std::is_same<scalar_t, acc_t>::value) {
+        s = student + r * n;
+        t = teacher + r * n;
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          s_buf[j] = static_cast<acc_t>(student[r * n + j]);
+          t_buf[j] = static_cast<acc_t>(teacher[r * n + j]);
+        }
+        s = s_buf.data();
+        t = t_buf.data();
+      }
+      acc_t* gs = grad_s ? grad_s + r * n : nullptr;
+      acc_t* gt = grad_t ? grad_t + r * n : nullptr;
+      bool finite = true;
+      for (int64_t j = 0; j < n; ++j) finite &= std::isfinite(s[j]) && std::isfinite(t[j]);
+      if (!finite) {  // a non-finite logit makes the whole row NaN rather than a plausible number
+        loss[r] = nan;
+        if (gs) std::fill(gs, gs + n, nan);
+        if (gt) std::fill(gt, gt + n, nan);
+        continue;
+      }
+      if (gs) std::fill(gs, gs + n, acc_t(0));
+      if (gt) std::fill(gt, gt + n, acc_t(0));
+      const double total = pair_sum(s, t, n, k, sign, gs, gt);
+      loss[r] = static_cast<acc_t>(1.0 - static_cast<double>(c) * total);
+      const acc_t g = -c * k;
+      if (gs) for (int64_t j = 0; j < n; ++j) gs[j] *= g;
+      if (gt) for (int64_t j = 0; j < n; ++j) gt[j] *= g;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kendall_rank_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                                double k, bool sign_teacher, bool grad_student,
+                                                                bool grad_teacher) {
+  check_kendall_args(student, teacher, k, sign_teacher, grad_teacher);
+  const at::Tensor s = student.contiguous();
+  const at::Tensor t = teacher.contiguous();
+  const int64_t rows = s.size(0);
+  const int64_t n = s.size(1);
+  const auto acc_dtype = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = s.options().dtype(acc_dtype);
+  at::Tensor loss = at::empty({rows}, opts);
+  at::Tensor gs = grad_student ? at::empty({rows, n}, opts) : at::empty({0}, opts);
+  at::Tensor gt = grad_teacher ? at::empty({rows, n}, opts) : at::empty({0}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "kendall_rank_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    kendall_rows<scalar_t, acc_t>(s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), rows, n,
+                                  static_cast<acc_t>(k), sign_teacher, loss.mutable_data_ptr<acc_t>(),
+                                  grad_student ? gs.mutable_data_ptr<acc_t>() : nullptr,
+                                  grad_teacher ? gt.mutable_data_ptr<acc_t>() : nullptr);
+  });
+  return {loss, gs, gt};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rankkd, CPU, m) { m.impl("kendall_rank", &kendall_rank_cpu); }
+
+}  // namespace rankkd
