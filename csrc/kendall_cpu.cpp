@@ -25,12 +25,22 @@ namespace {
 #endif
 #define RANKKD_ALWAYS_INLINE inline __attribute__((always_inline))
 
-RANKKD_ALWAYS_INLINE float tanh_of(float x) { return rational_tanh(x); }
+// tanh_of<true> shares its division with sech2_of; tanh_of<false> is the cheaper one for when no sech^2 is needed.
+template <bool kWithSech2>
+RANKKD_ALWAYS_INLINE float tanh_of(float x) { return kWithSech2 ? accurate_tanh(x) : rational_tanh(x); }
+RANKKD_ALWAYS_INLINE float sech2_of(float x) { return accurate_sech2(x); }
+template <bool kWithSech2>
 RANKKD_ALWAYS_INLINE double tanh_of(double x) { return std::tanh(x); }
+RANKKD_ALWAYS_INLINE double sech2_of(double x) {
+  const double t = std::tanh(x);
+  return 1.0 - t * t;  // accurate enough in float64 even for saturated pairs
+}
 
 // Sums tanh(k(s_i - s_j)) g(t_i - t_j) over i < j and accumulates the unscaled gradients
 // sum_j sech^2_s g and sum_j tanh_s sech^2_t into gs and gt (zeroed by the caller). Each (i, j) is evaluated once:
-// what it adds to i it subtracts from j. Fixed loop order and fixed lane split: the result is deterministic.
+// what it adds to i it subtracts from j. The inner loop is branch-free and vectorizes (the file is compiled with
+// -fassociative-math so that its reductions may be split into SIMD lanes); the split is fixed at compile time, so
+// the result is deterministic.
 template <typename T, bool kSign, bool kGradS, bool kGradT>
 RANKKD_ALWAYS_INLINE double row_pairs(const T* __restrict__ s, const T* __restrict__ t, int64_t n, T k,
                                       T* __restrict__ gs, T* __restrict__ gt) {
@@ -39,18 +49,19 @@ RANKKD_ALWAYS_INLINE double row_pairs(const T* __restrict__ s, const T* __restri
     const T si = s[i];
     const T ti = t[i];
     T sum_i = 0, gs_i = 0, gt_i = 0;
-#pragma omp simd reduction(+ : sum_i, gs_i, gt_i)
     for (int64_t j = i + 1; j < n; ++j) {
-      const T a = tanh_of(k * (si - s[j]));
-      const T b = kSign ? sign_of(ti - t[j]) : tanh_of(k * (ti - t[j]));
+      const T x_s = k * (si - s[j]);
+      const T x_t = k * (ti - t[j]);
+      const T a = tanh_of<kGradS>(x_s);
+      const T b = kSign ? sign_of(x_t) : tanh_of<kGradT>(x_t);
       sum_i += a * b;
       if (kGradS) {
-        const T d = (T(1) - a * a) * b;
+        const T d = sech2_of(x_s) * b;
         gs_i += d;
         gs[j] -= d;
       }
       if (kGradT) {
-        const T d = a * (T(1) - b * b);
+        const T d = a * sech2_of(x_t);
         gt_i += d;
         gt[j] -= d;
       }

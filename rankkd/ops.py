@@ -33,25 +33,22 @@ else:
     TRITON_ERROR = "the triton package is not installed (pip install triton)"
 
 
-def _extension_has(device_type):
-    return EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "rankkd::kendall_rank", "CUDA" if device_type == "cuda" else "CPU")
-
-
-def _triton_runs_on(device_type):
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return TRITON_ERROR is None and (device_type == "cuda" or (device_type == "cpu" and interpreted))
+# Looked up once: backend choice then stays plain Python that torch.compile traces without a graph break.
+EXTENSION_DEVICES = {device_type for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                     if EXTENSION_ERROR is None
+                     and torch._C._dispatch_has_kernel_for_dispatch_key("rankkd::kendall_rank", key)}
+TRITON_DEVICES = set() if TRITON_ERROR else {"cuda", "cpu"} if os.environ.get("TRITON_INTERPRET") == "1" else {"cuda"}
 
 
 def available_backends(device="cpu"):
     """The backends that can run on tensors of this device, fastest first, "auto" excluded."""
     device_type = torch.device(device).type
     names = []
-    if device_type == "cuda" and _extension_has("cuda"):
+    if device_type == "cuda" and "cuda" in EXTENSION_DEVICES:
         names.append("cuda")
-    if _triton_runs_on(device_type):
+    if device_type in TRITON_DEVICES:
         names.append("triton")
-    if device_type == "cpu" and _extension_has("cpu"):
+    if device_type == "cpu" and "cpu" in EXTENSION_DEVICES:
         names.append("cpu")
     return names + ["reference"]
 
