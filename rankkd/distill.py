@@ -1,0 +1,227 @@
+"""Plug-and-play distillation: any logit distillation loss, plus the Kendall ranking loss with one argument.
+
+    total = ce_weight * CE + kd_weight * L_base + rank_weight * L_rank    (the paper's α·CE + β·L_base + γ·L_RK)
+
+L_base is KD, DKD (with its warm-up) or DIST, or nothing (method "ce"); rank_weight > 0 switches the ranking loss
+on, over any of them. The paper sets γ = α (the CE weight) unless it says otherwise.
+
+Recipes (RECIPES, get_recipe) carry the published weights. Where each number comes from:
+
+  imagenet-kd              CE 0.5, KD 0.5, T 1: mdistiller configs/imagenet/r34_r18/kd.yaml and
+                           configs/imagenet/r50_mv1/kd.yaml (KD.TEMPERATURE 1, KD.LOSS.CE_WEIGHT 0.5, KD_WEIGHT 0.5).
+  imagenet-dkd-r34-r18     CE 1.0, α 1.0, β 0.5, T 1, warm-up 1 epoch: mdistiller configs/imagenet/r34_r18/dkd.yaml
+                           (DKD.CE_WEIGHT 1.0, BETA 0.5, T 1.0, WARMUP 1); α is not set there, so it is the default
+                           DKD.ALPHA = 1.0 of mdistiller/engine/cfg.py (mmrazor's
+                           configs/distill/mmcls/dkd/dkd_logits_r34_r18_8xb32_in1k.py agrees: tau 1, beta 0.5).
+                           mdistiller's trainer counts epochs from 1 (engine/trainer.py), so its WARMUP 1 gives the
+                           full DKD weight from the first step: pass epoch_index + 1 to reproduce that exactly.
+  imagenet-dkd-r50-mv1     as above with β 2.0: mdistiller configs/imagenet/r50_mv1/dkd.yaml (BETA 2.0), α 1.0.
+  cifar100-kd              CE 0.1, KD 0.9, T 4: the defaults CFG.KD.* of mdistiller/engine/cfg.py, which
+                           configs/cifar100/kd.yaml (ResNet32x4 -> ResNet8x4) does not override.
+  cifar100-dkd             CE 1.0, α 1.0, β 8.0, T 4, warm-up 20 epochs: the defaults CFG.DKD.* of
+                           mdistiller/engine/cfg.py, which configs/cifar100/dkd/res32x4_res8x4.yaml does not override
+                           (some other pairs there set their own BETA, e.g. wrn40_2_wrn_16_2.yaml 6.0: use get_recipe overrides).
+  deit-kd                  CE 1, KD 1 (α = 1, β = 1): the ranking paper's DeiT setup (DESIGN.md). The paper's
+                           temperature for it was not verified; T = 1 here follows the ImageNet KD recipe.
+  <name>-rank              the same plus the ranking loss, γ = α (the CE weight), except deit-kd-rank: γ = 0.5 as the
+                           paper sets for DeiT students. Ranking loss options: k 1, teacher_mode "tanh", all classes.
+
+mdistiller is github.com/megvii-research/mdistiller (the DKD authors' code, the baselines the ranking paper uses).
+"""
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rankkd._args import TEACHER_MODES
+from rankkd.losses import check_target, dist_loss, dkd_loss, kd_loss, kendall_rank_loss
+from rankkd.ops import BACKENDS
+
+METHODS = ("ce", "kd", "dkd", "dist")
+
+
+@dataclass
+class DistillConfig:
+    """Which distillation loss, its weights and options, and the ranking loss on top (rank_weight > 0)."""
+    method: str = "kd"            # "ce" | "kd" | "dkd" | "dist"
+    ce_weight: float = 1.0        # α
+    kd_weight: float = 1.0        # β: weight of the base loss (KD, DIST; for DKD it multiplies α·TCKD + β·NCKD)
+    temperature: float = 4.0      # T of KD, DKD and DIST
+    standardize: bool = False     # logit standardization before the softmax (KD and DKD only)
+    dkd_alpha: float = 1.0        # DKD: weight of the target-class part TCKD
+    dkd_beta: float = 8.0         # DKD: weight of the non-target-class part NCKD
+    warmup_epochs: float = 0.0    # DKD: linear warm-up of its term, factor min(epoch / warmup_epochs, 1); 0 = none
+    dist_beta: float = 1.0        # DIST: weight of the inter-class relation
+    dist_gamma: float = 1.0       # DIST: weight of the intra-class relation
+    rank_weight: float = 0.0      # γ; 0 turns the ranking loss off
+    rank_k: float = 1.0           # ranking loss: tanh steepness k
+    rank_teacher_mode: str = "tanh"
+    rank_topk: int | None = None  # ranking loss over the teacher's top-K classes only
+    rank_backend: str = "auto"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name in ("ce_weight", "kd_weight", "dkd_alpha", "dkd_beta", "warmup_epochs", "dist_beta", "dist_gamma",
+                     "rank_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("temperature", "rank_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not isinstance(self.standardize, bool):
+            raise ValueError(f"standardize must be True or False, got {self.standardize!r}")
+        if self.standardize and self.method not in ("kd", "dkd"):
+            raise ValueError(f"standardize applies to methods 'kd' and 'dkd', not {self.method!r}")
+        if self.rank_teacher_mode not in TEACHER_MODES:
+            raise ValueError(f"rank_teacher_mode must be one of {TEACHER_MODES}, got {self.rank_teacher_mode!r}")
+        if self.rank_topk is not None and (isinstance(self.rank_topk, bool) or
+                                           not isinstance(self.rank_topk, numbers.Integral) or self.rank_topk < 2):
+            raise ValueError(f"rank_topk must be None or an integer >= 2, got {self.rank_topk!r}")
+        if self.rank_backend not in BACKENDS:
+            raise ValueError(f"rank_backend must be one of {BACKENDS}, got {self.rank_backend!r}")
+
+    @property
+    def uses_teacher(self):
+        return self.method != "ce" or self.rank_weight > 0
+
+
+def _with_rank(config, rank_weight=None):
+    """The recipe plus the ranking loss, γ = α (the CE weight) unless given."""
+    return dataclasses.replace(config, rank_weight=config.ce_weight if rank_weight is None else rank_weight)
+
+
+_BASE_RECIPES = {
+    "imagenet-kd": DistillConfig(method="kd", ce_weight=0.5, kd_weight=0.5, temperature=1.0),
+    "imagenet-dkd-r34-r18": DistillConfig(method="dkd", ce_weight=1.0, temperature=1.0, dkd_alpha=1.0, dkd_beta=0.5,
+                                          warmup_epochs=1.0),
+    "imagenet-dkd-r50-mv1": DistillConfig(method="dkd", ce_weight=1.0, temperature=1.0, dkd_alpha=1.0, dkd_beta=2.0,
+                                          warmup_epochs=1.0),
+    "cifar100-kd": DistillConfig(method="kd", ce_weight=0.1, kd_weight=0.9, temperature=4.0),
+    "cifar100-dkd": DistillConfig(method="dkd", ce_weight=1.0, temperature=4.0, dkd_alpha=1.0, dkd_beta=8.0,
+                                  warmup_epochs=20.0),
+    "deit-kd": DistillConfig(method="kd", ce_weight=1.0, kd_weight=1.0, temperature=1.0),
+}
+_RANK_WEIGHT_OVERRIDES = {"deit-kd": 0.5}
+
+RECIPES: dict[str, DistillConfig] = {
+    **_BASE_RECIPES,
+    **{f"{name}-rank": _with_rank(config, _RANK_WEIGHT_OVERRIDES.get(name)) for name, config in _BASE_RECIPES.items()},
+}
+
+
+def get_recipe(name, **overrides):
+    """A fresh copy of the named recipe with some fields replaced, e.g. get_recipe("imagenet-kd-rank", rank_k=2.0)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}")
+    fields = [field.name for field in dataclasses.fields(DistillConfig)]
+    unknown = [key for key in overrides if key not in fields]
+    if unknown:
+        raise ValueError(f"unknown DistillConfig field(s) {unknown}; fields: {', '.join(fields)}")
+    return dataclasses.replace(RECIPES[name], **overrides)
+
+
+def warmup_factor(epoch, warmup_epochs):
+    """min(epoch / warmup_epochs, 1), the DKD warm-up; a 0-d tensor epoch gives a 0-d tensor (no recompilation under
+    torch.compile as the epoch changes)."""
+    if warmup_epochs == 0:
+        return 1.0
+    if isinstance(epoch, torch.Tensor):
+        return torch.clamp(epoch / warmup_epochs, max=1.0)
+    return min(epoch / warmup_epochs, 1.0)
+
+
+def distill_losses(student_logits, teacher_logits, target, config, epoch=0.0):
+    """The loss terms of `config` from logits, for trainers that run the models themselves (e.g. a DDP student).
+
+    student_logits, teacher_logits: (batch, C). The teacher's logits are a fixed target: they are detached here.
+    teacher_logits may be None when the config does not use them (method "ce" with rank_weight 0).
+    target: (batch,) integer class indices; for methods other than "dkd" also (batch, C) class probabilities
+    (mixup / cutmix), used by the CE term only. Out-of-range indices raise on CPU (no check, no host sync, on GPU).
+    epoch: epochs done, a float or a 0-d tensor; it only drives the DKD warm-up, min(epoch / warmup_epochs, 1).
+    mdistiller calls its warm-up with 1-based integer epochs, so pass epoch_index + 1 to match it exactly, or a
+    fractional epoch (epoch_index + step / steps_per_epoch) for a smooth ramp. Under torch.compile pass a 0-d tensor:
+    a changing Python float recompiles once.
+
+    Returns {"ce": ..., base method name ("kd" | "dkd" | "dist", absent for "ce"): ..., "rank": ... (when
+    rank_weight > 0), "total": ...}: 0-d float32 tensors (float64 for float64 logits). Each term is WEIGHTED, as it
+    enters the total (the DKD term includes its warm-up factor), so the terms sum to "total"."""
+    if not isinstance(config, DistillConfig):
+        raise TypeError(f"config must be a DistillConfig, got {type(config).__name__}")
+    if not isinstance(student_logits, torch.Tensor) or not student_logits.is_floating_point():
+        got = student_logits.dtype if isinstance(student_logits, torch.Tensor) else type(student_logits).__name__
+        raise TypeError(f"student_logits must be a floating-point torch.Tensor, got {got}")
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must have shape (batch, C), got {tuple(student_logits.shape)}")
+    check_target(target, student_logits, soft_ok=config.method != "dkd")
+    if config.uses_teacher:
+        if teacher_logits is None:
+            raise ValueError(f"teacher_logits are needed by method {config.method!r} with rank_weight "
+                             f"{config.rank_weight}, got None")
+        teacher_logits = teacher_logits.detach()
+
+    accumulate = torch.promote_types(student_logits.dtype, torch.float32)  # CE of bf16 / fp16 logits in fp32
+    hard_target = target if target.is_floating_point() else target.long()
+    terms = {"ce": config.ce_weight * F.cross_entropy(student_logits.to(accumulate), hard_target)}
+    if config.method == "kd":
+        terms["kd"] = config.kd_weight * kd_loss(student_logits, teacher_logits, temperature=config.temperature,
+                                                 standardize=config.standardize)
+    elif config.method == "dkd":
+        dkd = dkd_loss(student_logits, teacher_logits, target, alpha=config.dkd_alpha, beta=config.dkd_beta,
+                       temperature=config.temperature, standardize=config.standardize)
+        terms["dkd"] = config.kd_weight * warmup_factor(epoch, config.warmup_epochs) * dkd
+    elif config.method == "dist":
+        terms["dist"] = config.kd_weight * dist_loss(student_logits, teacher_logits, beta=config.dist_beta,
+                                                     gamma=config.dist_gamma, temperature=config.temperature)
+    if config.rank_weight > 0:
+        terms["rank"] = config.rank_weight * kendall_rank_loss(
+            student_logits, teacher_logits, k=config.rank_k, teacher_mode=config.rank_teacher_mode,
+            topk=config.rank_topk, backend=config.rank_backend)
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+class Distiller(nn.Module):
+    """A student, a frozen teacher and a DistillConfig; forward returns the student logits and the loss terms.
+
+    The teacher is put in eval mode and requires_grad_(False) here, stays in eval mode through train(), and runs
+    under no_grad, so it never gets a gradient: build the optimizer from distiller.student.parameters() (an optimizer
+    over distiller.parameters() leaves the teacher untouched too, since its parameters never get a .grad). The
+    teacher is not run at all when the config does not use it (method "ce" with rank_weight 0), and may then be None.
+
+    forward(images, target, epoch=0.0) -> (student_logits, terms): terms as distill_losses returns them, weighted so
+    that they sum to terms["total"]; call terms["total"].backward() and log the rest."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, config: DistillConfig):
+        super().__init__()
+        if not isinstance(config, DistillConfig):
+            raise TypeError(f"config must be a DistillConfig, got {type(config).__name__}")
+        if teacher is None and config.uses_teacher:
+            raise ValueError(f"method {config.method!r} with rank_weight {config.rank_weight} needs a teacher, "
+                             "got None")
+        self.student = student
+        self.teacher = teacher
+        self.config = config
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # batch-norm statistics and dropout stay the teacher's own
+        return self
+
+    def forward(self, images, target, epoch=0.0):
+        student_logits = self.student(images)
+        teacher_logits = None
+        if self.config.uses_teacher:
+            with torch.no_grad():
+                teacher_logits = self.teacher(images)
+        return student_logits, distill_losses(student_logits, teacher_logits, target, self.config, epoch)
