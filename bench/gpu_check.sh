@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU check, in one run on a GPU machine with torch preinstalled:
+#   bash bench/gpu_check.sh [OUTDIR]     (default OUTDIR: bench/results)
+# builds rankkd (CUDA kernels for this GPU), runs the GPU tests and bench/loss_bench.py (fp32 and bf16), and writes
+# the logs and result files into OUTDIR. Each step has its own time limit; the whole run stays under 8 minutes on
+# one H100. A failing step is reported and the rest still run; the exit status says whether all passed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=$(mkdir -p "${1:-bench/results}" && cd "${1:-bench/results}" && pwd)
+export PYTHONUNBUFFERED=1
+if [ -z "${CUDA_HOME:-}" ]; then  # the toolkit root that nvcc belongs to (the nvcc on PATH may be a wrapper)
+  for candidate in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"; do
+    [ -f "$candidate/include/cuda_runtime.h" ] && export CUDA_HOME=$candidate && break
+  done
+fi
+failed=()
+
+step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a time limit, logging to OUTDIR/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s): $*"
+  local begin=$SECONDS
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  local status=$?
+  tail -n 25 "$out/$name.log"
+  echo "== $name: exit $status after $((SECONDS - begin)) s"
+  [ $status -eq 0 ] || failed+=("$name")
+}
+
+{
+  nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
+  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  echo "CUDA_HOME=${CUDA_HOME:-unset}"
+} > "$out/environment.log" 2>&1
+cat "$out/environment.log"
+
+step build 150 env MAX_JOBS=8 python setup.py develop
+step tests 120 python -m pytest -q -x tests/test_kendall.py tests/test_triton.py tests/test_cuda.py tests/test_losses.py \
+  tests/test_distill.py
+step bench_fp32 80 python bench/loss_bench.py --device cuda --dtype float32 --json "$out/loss_cuda_float32.json"
+step bench_bf16 50 python bench/loss_bench.py --device cuda --dtype bfloat16 --shapes 512x1000,64x4096 \
+  --json "$out/loss_cuda_bfloat16.json"
+
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED: ${failed[*]}"
+  exit 1
+fi
+echo "all GPU checks passed; results in $out"
