@@ -1,0 +1,35 @@
+"""Which files each rank reads, and the seeds of its augmentation: pure functions of (seed, epoch, rank).
+
+Training: one permutation of the whole train listing per epoch (the same on every rank, from (seed, epoch) only),
+cut into world_size equal contiguous slices of full batches; the remainder (fewer than world_size * batch_size
+files) is dropped, a different remainder every epoch. Every rank therefore runs the same number of steps, and an
+epoch's batches do not depend on anything that happened in earlier epochs, which is what makes resuming exact.
+
+Validation: the val listing in its sorted order, cut into world_size contiguous blocks whose sizes differ by at
+most one. Every file is read by exactly one rank, with no padding and nothing dropped.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def train_batches_per_rank(num_files: int, batch_size: int, world_size: int) -> int:
+    return num_files // (world_size * batch_size)
+
+
+def train_epoch_indices(num_files: int, *, batch_size: int, seed: int, epoch: int, rank: int,
+                        world_size: int) -> np.ndarray:
+    """Indices into the train listing for this rank's epoch, in reading order (a multiple of batch_size long)."""
+    per_rank = train_batches_per_rank(num_files, batch_size, world_size) * batch_size
+    permutation = np.random.default_rng([seed, epoch]).permutation(num_files)
+    return permutation[rank * per_rank:(rank + 1) * per_rank]
+
+
+def val_shard_indices(num_files: int, *, rank: int, world_size: int) -> np.ndarray:
+    """Indices into the val listing read by this rank; the ranks' blocks partition range(num_files)."""
+    return np.arange(rank * num_files // world_size, (rank + 1) * num_files // world_size)
+
+
+def augmentation_seed(seed: int, epoch: int, rank: int) -> int:
+    """A 31-bit seed for one rank's augmentation in one epoch (DALI pipeline seeds must fit in an int32)."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0] & 0x7FFFFFFF)

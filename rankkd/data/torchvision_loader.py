@@ -1,0 +1,174 @@
+"""The fallback for machines without DALI: PIL decoding and torchvision transforms in DataLoader worker processes.
+
+Same files, sharding, transforms (up to the resampling kernels' rounding) and output tensors as the DALI loaders.
+Determinism: every training sample carries its own augmentation seed, drawn from (seed, epoch, rank) and its
+position in the epoch, and its transform runs under that seed; so an epoch's batches do not depend on the number
+of workers, on which worker took which batch, or on earlier epochs.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from rankkd.data.folder import BadImageError, SplitListing
+from rankkd.data.normalization import IMAGENET_MEAN, IMAGENET_STD
+from rankkd.data.sharding import augmentation_seed, train_batches_per_rank, train_epoch_indices, val_shard_indices
+
+
+class _ImageFiles(Dataset):
+    """Indexed by (file index, augmentation seed or None); the seed travels with the key so that workers started
+    once (persistent_workers) still see each epoch's seeds."""
+
+    def __init__(self, listing: SplitListing, transform):
+        self._listing = listing
+        self._transform = transform
+
+    def __len__(self) -> int:
+        return len(self._listing)
+
+    def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        index, sample_seed = key
+        path = self._listing.files[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except Exception as error:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+            raise BadImageError.for_file(path, error) from error
+        if sample_seed is None:
+            return self._transform(image), self._listing.labels[index]
+        # torchvision's random transforms draw from the global torch generator; fork it so the seeding stays local.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            return self._transform(image), self._listing.labels[index]
+
+
+class _Keys(Sampler):
+    """Yields the keys set for the current pass; the loader refills it at the start of every epoch."""
+
+    def __init__(self, keys: list[tuple[int, int | None]]):
+        self.keys = keys
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _collate(samples: list[tuple[torch.Tensor, int]], *, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    images = [image for image, _ in samples]
+    if channels_last:
+        # Stacking HWC views writes an NHWC buffer, which viewed as NCHW is channels_last: one copy, in the worker.
+        batch = torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    else:
+        batch = torch.stack(images)
+    return batch, torch.tensor([label for _, label in samples], dtype=torch.int64)
+
+
+def _make_loader(dataset: _ImageFiles, sampler: _Keys, *, batch_size: int, num_workers: int, device: torch.device,
+                 channels_last: bool, drop_last: bool) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=partial(_collate, channels_last=channels_last), drop_last=drop_last,
+                      pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
+
+
+def _to_device(batches: DataLoader, device: torch.device, channels_last: bool
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for images, labels in batches:
+        # .contiguous is a no-op unless pinning lost the channels_last strides.
+        yield (images.to(device, non_blocking=True).contiguous(memory_format=memory_format),
+               labels.to(device, non_blocking=True))
+
+
+def _normalize_transforms():
+    from torchvision import transforms
+
+    return [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+class TorchvisionTrainLoader:
+    """One rank's training batches; call set_epoch(epoch) before iterating each epoch."""
+
+    backend = "torchvision"
+
+    def __init__(self, listing: SplitListing, *, batch_size: int, image_size: int, rank: int, world_size: int,
+                 device: torch.device, seed: int, num_workers: int, channels_last: bool, min_scale: float,
+                 hflip: bool):
+        from torchvision import transforms
+
+        augment = [transforms.RandomResizedCrop(image_size, scale=(min_scale, 1.0), ratio=(3 / 4, 4 / 3),
+                                                interpolation=transforms.InterpolationMode.BILINEAR, antialias=True)]
+        if hflip:
+            augment.append(transforms.RandomHorizontalFlip())
+        self._num_files = len(listing)
+        self._batch_size = batch_size
+        self._rank = rank
+        self._world_size = world_size
+        self._device = device
+        self._seed = seed
+        self._channels_last = channels_last
+        self._keys = _Keys([])
+        self._batches = _make_loader(_ImageFiles(listing, transforms.Compose(augment + _normalize_transforms())),
+                                     self._keys, batch_size=batch_size, num_workers=num_workers, device=device,
+                                     channels_last=channels_last, drop_last=True)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch < 0:
+            raise ValueError(f"set_epoch: epoch must be >= 0, got {epoch}")
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return train_batches_per_rank(self._num_files, self._batch_size, self._world_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self) * self._batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices = train_epoch_indices(self._num_files, batch_size=self._batch_size, seed=self._seed,
+                                      epoch=self.epoch, rank=self._rank, world_size=self._world_size)
+        sample_seeds = np.random.default_rng(augmentation_seed(self._seed, self.epoch, self._rank)).integers(
+            0, 2**63 - 1, size=len(indices))
+        self._keys.keys = list(zip(indices.tolist(), sample_seeds.tolist()))
+        return _to_device(self._batches, self._device, self._channels_last)
+
+
+class TorchvisionValLoader:
+    """This rank's block of the validation set, in sorted order; the last batch may be partial."""
+
+    backend = "torchvision"
+
+    def __init__(self, listing: SplitListing, *, batch_size: int, image_size: int, resize_shorter: int, rank: int,
+                 world_size: int, device: torch.device, num_workers: int, channels_last: bool):
+        from torchvision import transforms
+
+        indices = val_shard_indices(len(listing), rank=rank, world_size=world_size)
+        resize = transforms.Resize(resize_shorter, interpolation=transforms.InterpolationMode.BILINEAR,
+                                   antialias=True)
+        transform = transforms.Compose([resize, transforms.CenterCrop(image_size)] + _normalize_transforms())
+        self._device = device
+        self._channels_last = channels_last
+        self._batches = _make_loader(_ImageFiles(listing, transform), _Keys([(i, None) for i in indices.tolist()]),
+                                     batch_size=batch_size, num_workers=num_workers, device=device,
+                                     channels_last=channels_last, drop_last=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Validation is the same every epoch; accepted so that both loaders share one protocol."""
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self._batches.sampler)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return _to_device(self._batches, self._device, self._channels_last)
