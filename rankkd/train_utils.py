@@ -1,0 +1,261 @@
+"""The plumbing of a training script, kept out of it so that train/imagenet.py reads top to bottom: distributed
+set-up, checkpoints that survive a kill, learning-rate schedules, metrics files and a rank-0 progress display."""
+import datetime
+import importlib.util
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Distributed: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (and the rendezvous address); plain `python` is one process.
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def init_distributed(device="auto"):
+    """Join the torchrun process group when there is one (NCCL for CUDA devices, gloo for the CPU) and pick this
+    process's device: cuda:LOCAL_RANK, or the CPU. `device` is "auto", "cuda" or "cpu"."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"--device must be auto, cuda or cpu, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible to this process")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if world_size > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    return DistEnv(rank, local_rank, world_size, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor):
+    """Sum `tensor` over all processes in place (a no-op for one process); returns it."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every process."""
+    if not dist.is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def average_buffers(model):
+    """Average the floating-point buffers (BatchNorm running statistics) over processes, so that every rank holds
+    the same model and the statistics come from all ranks' data. DDP keeps the parameters in step itself."""
+    if not dist.is_initialized():
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer.div_(dist.get_world_size())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints: written atomically, holding everything needed to continue as if never stopped.
+
+
+def _write_atomically(path, write):
+    """Call write(file) on a temporary file in path's folder, flush it to disk, then rename it over `path`: a kill at
+    any moment leaves either the old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def save_checkpoint(state, path):
+    """torch.save `state` to `path` atomically."""
+    _write_atomically(path, lambda file: torch.save(state, file))
+
+
+def copy_atomically(source, destination):
+    """Copy a file so that `destination` is never seen half-written."""
+    _write_atomically(destination, lambda file: file.write(Path(source).read_bytes()))
+
+
+def load_checkpoint(path):
+    """A checkpoint written by save_checkpoint, read safely (weights_only); a ValueError says why it can't be."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001  (unreadable for any reason is one answer to the user)
+        raise ValueError(f"cannot read checkpoint {str(path)!r}: {type(error).__name__}: {error}") from error
+
+
+def rng_state():
+    """This process's random number generator states as plain Python values: they pass through all_gather_object
+    and torch.load(weights_only=True) alike."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, keys.tolist(), position, has_gauss, cached_gaussian),
+            "torch": torch.get_rng_state().tolist(),
+            "cuda": [state.tolist() for state in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(cuda_state, dtype=torch.uint8) for cuda_state in state["cuda"]])
+
+
+def gather_rng_states():
+    """Every process's RNG state, in rank order (a collective: all ranks call it)."""
+    if not dist.is_initialized():
+        return [rng_state()]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Learning-rate schedules, as functions of the (fractional) epoch so that resuming needs only the step count.
+
+
+def learning_rate(epoch, *, schedule, lr, epochs, warmup_epochs=0.0, warmup_lr=0.0, milestones=(), decay=0.1,
+                  min_lr=0.0):
+    """The learning rate at fractional `epoch` (step / steps per epoch).
+
+    A linear warm-up from `warmup_lr` to `lr` over the first `warmup_epochs`, then
+      "step":   lr * decay ** (number of milestones passed)              (the ImageNet recipe: x0.1 at 30, 60, 90)
+      "cosine": min_lr + (lr - min_lr) * (1 + cos(pi * progress)) / 2     (DeiT: to min_lr at the last epoch)"""
+    if epoch < warmup_epochs:
+        return warmup_lr + (lr - warmup_lr) * epoch / warmup_epochs
+    if schedule == "step":
+        return lr * decay ** sum(epoch >= milestone for milestone in milestones)
+    if schedule == "cosine":
+        progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)
+        return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    raise ValueError(f"schedule must be 'step' or 'cosine', got {schedule!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Metrics: one JSON line per epoch in metrics.jsonl, and TensorBoard scalars when tensorboard is installed.
+
+
+class MetricsLog:
+    """Appends one JSON object per epoch to DIR/metrics.jsonl (and TensorBoard events when tensorboard is
+    installed). Opened for a run resumed after `resumed_epochs` epochs, it first drops lines of later epochs,
+    which a run killed between logging and checkpointing leaves behind."""
+
+    def __init__(self, out_dir, resumed_epochs=0):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        kept = []
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["epoch"] <= resumed_epochs]
+        _write_atomically(self.path, lambda file: file.write("".join(line + "\n" for line in kept).encode()))
+        self.tensorboard = None
+        if importlib.util.find_spec("tensorboard") is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:  # an incomplete install: metrics.jsonl still has everything
+                print(f"TensorBoard events off: {error}", file=sys.stderr)
+            else:
+                self.tensorboard = SummaryWriter(out_dir, purge_step=resumed_epochs + 1)
+
+    def write(self, record):
+        with self.path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["epoch"])
+            self.tensorboard.flush()
+
+    def close(self):
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Progress: tqdm's bar when tqdm is installed, else one printed line per update; only on rank 0.
+
+
+def format_duration(seconds):
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class Progress:
+    """Progress through `total` steps: `update(done, text)` shows the text (loss, img/s) and the time left."""
+
+    def __init__(self, total, description, enabled=True):
+        self.total, self.description, self.enabled = total, description, enabled
+        self.start = time.perf_counter()
+        self.bar = None
+        if enabled and importlib.util.find_spec("tqdm") is not None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=description, dynamic_ncols=True, leave=False, file=sys.stdout)
+
+    def update(self, done, text):
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix_str(text, refresh=True)
+            return
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / done * (self.total - done) if done else 0.0
+        print(f"{self.description} [{done:>{len(str(self.total))}}/{self.total}] {text}  "
+              f"ETA {format_duration(left)}", flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
