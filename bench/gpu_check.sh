@@ -3,7 +3,8 @@
 #   bash bench/gpu_check.sh [OUTDIR]     (default OUTDIR: bench/results)
 # builds rankkd (CUDA kernels for this GPU), runs the GPU tests, bench/loss_bench.py (fp32 and bf16) and the trainer's
 # synthetic ResNet-34 -> ResNet-18 KD + ranking-loss throughput run, and writes the logs and result files into OUTDIR.
-# Each step has its own time limit; together they stay under 8 minutes on one H100. A failing step is reported and the rest still run; the exit status says whether all passed.
+# Each step has its own time limit; together they stay under 8 minutes on one H100. A failing step is reported and
+# the rest still run; the exit status says whether all passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(mkdir -p "${1:-bench/results}" && cd "${1:-bench/results}" && pwd)
