@@ -25,13 +25,15 @@ if EXTENSION_ERROR is None:
     torch.library.register_fake("rankkd::kendall_rank")(_fused.fake_kendall_rank)
     _fused.register_autograd("rankkd::kendall_rank")
 
-if importlib.util.find_spec("triton") is not None:
+if importlib.util.find_spec("triton") is None:
+    TRITON_ERROR = "the triton package is not installed (pip install triton)"
+elif not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    TRITON_ERROR = "there is no CUDA device (TRITON_INTERPRET=1 set before rankkd is imported runs it on CPU tensors)"
+else:
+    # Registering a triton_op imports part of torch._inductor (about a second): only done where Triton can run.
     from rankkd.triton import kendall as _triton_kendall  # noqa: F401  (defines rankkd::kendall_rank_triton)
 
     TRITON_ERROR = None
-else:
-    TRITON_ERROR = "the triton package is not installed (pip install triton)"
-
 
 # Looked up once: backend choice then stays plain Python that torch.compile traces without a graph break.
 EXTENSION_DEVICES = {device_type for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))

@@ -1,1 +1,382 @@
-"""Placeholder: the Triton kernel lands here (issue 3)."""
+"""rankkd::kendall_rank_triton: the fused Kendall rank loss as Triton kernels, with the contract of
+rankkd::kendall_rank (rankkd/_fused.py): per-row loss, and dloss_row/dstudent, dloss_row/dteacher when asked, from
+one pass over the pairs. CUDA tensors; CPU tensors when TRITON_INTERPRET=1 is set before import (Triton's
+interpreter, slow, for tests).
+
+Work split. A row's C channels are cut into panels of BLOCK_I channels. Panel I pairs each of its channels i with
+every channel j > i, sweeping j from the panel's first channel to C in blocks of BLOCK_J columns, so every unordered
+pair is evaluated once and feeds both ends:
+  - the i ends (block rows) add into 2-D register tiles over the whole sweep, reduced once at the end of the panel;
+  - the j ends (block columns) are summed over the block's rows, which each thread holds in registers (the block is
+    laid out one column per thread, BLOCK_J = 32 * num_warps), and added to the j channels' running sums in memory.
+Only the first block of a panel (its diagonal) and the block that crosses C need masks; they are where j > i and
+j < C fail, and a dropped pair has both tanh values zeroed, so every term it adds is exactly zero.
+
+Determinism without atomics. A program owns one row and one "part" of the row's panels, and the running gradient
+sums of its part live in a slice of memory that only it touches, so every sum is formed in a fixed order.
+tl.debug_barrier() (bar.sync, which also orders the threads' global memory accesses) separates one panel's
+read-modify-writes from the next's. When one part per row is enough (the rows fill the GPU, or the problem is too
+small to spread) that slice is the output itself and the whole op is one launch; otherwise a second kernel adds the
+parts' slices in order. Extra memory: parts * rows * C per gradient, parts <= MAX_PARTS.
+
+tanh. FAST_TANH (the default on a GPU) evaluates tanh with one tanh.approx.f32 instruction (about 2^-11 relative
+error by the PTX ISA's bound) and sech^2 as 1 - tanh^2: loss and gradients within 2e-3 (relative norm) of float64 on
+logits of a realistic spread; strongly saturated pairs (|k (x_i - x_j)| beyond ~4) lose relative accuracy in sech^2.
+The exact path (tanh from the rational minimax fit of csrc/kendall.h, sech^2 from exp) stays within 1e-5 of float64
+for loss and gradients, saturated logits included, for about five times the instructions per pair (sm_90 SASS: ~64
+against ~12). It is the only path the interpreter can run (no inline assembly there), so it is chosen automatically
+under TRITON_INTERPRET=1. Force it on a GPU with RANKKD_TRITON_EXACT_TANH=1 in the environment before import, or by
+setting kendall.FAST_TANH = False at run time. Float64 logits are computed in float64 throughout, on the exact path."""
+import contextlib
+import functools
+import os
+import struct
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import custom_op, triton_op, wrap_triton
+
+from rankkd import _fused
+
+# Parts per row stay at or below this: bounds the partial-sum memory to MAX_PARTS * rows * C per gradient.
+MAX_PARTS = 16
+# Problems with rows * C^2 at or below this run as one part per row: one launch beats spreading a few microseconds of
+# work.
+_SMALL_PROBLEM = 1 << 22
+
+
+@triton.jit
+def _tanh(x, FAST_TANH: tl.constexpr):
+    if FAST_TANH:
+        # One MUFU.TANH instruction, float32 only.
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    elif x.dtype == tl.float64:
+        # tanh|x| = (1 - e) / (1 + e) with e = exp(-2|x|) in (0, 1]: no overflow anywhere.
+        e = tl.exp(-2.0 * tl.abs(x))
+        magnitude = (1.0 - e) / (1.0 + e)
+        return tl.where(x < 0, -magnitude, magnitude)
+    else:
+        # x * P(x^2) / Q(x^2), the [9/8] minimax fit of csrc/kendall.h: max relative error 3.5e-7 on [0, 9], and tanh
+        # rounds to +-1 in float32 beyond |x| = 9, so clamping there is exact. All coefficients are positive: Q >= 1.
+        x = tl.clamp(x, -9.0, 9.0)
+        z = x * x
+        p = (((1.3754580e-08 * z + 2.0902280e-05) * z + 3.5136070e-03) * z + 1.3396265e-01) * z + 1.0
+        q = (((7.9415872e-07 * z + 3.3149603e-04) * z + 2.5945744e-02) * z + 4.6729589e-01) * z + 1.0
+        return x * p / q
+
+
+@triton.jit
+def _sech2(x, tanh_x, FAST_TANH: tl.constexpr):
+    """sech^2(x), given tanh_x = tanh(x)."""
+    if FAST_TANH:
+        return 1.0 - tanh_x * tanh_x  # one FMA, its error far below tanh.approx's
+    else:
+        # 4e / (1 + e)^2 with e = exp(-2|x|) keeps full relative accuracy in saturation. 1 - tanh^2 cannot: a float32
+        # tanh near +-1 is off by up to ulp(1) = 6e-8, while sech^2(9) is 6e-8, and a row of widely spread logits has
+        # many saturated pairs whose errors add up in every gradient entry.
+        e = tl.exp(-2.0 * tl.abs(x))
+        return 4.0 * e / ((1.0 + e) * (1.0 + e))
+
+
+@triton.jit
+def _load_logits(ptr, mask, acc_dtype: tl.constexpr):
+    """Logits in acc_dtype, non-finite ones replaced by 0 (the row is made NaN at the end), and which ones they were."""
+    x = tl.load(ptr, mask=mask, other=0.0).to(acc_dtype)
+    finite = tl.abs(x) < float("inf")  # false for +-inf and NaN
+    return tl.where(finite, x, 0.0), (~finite).to(tl.int32)
+
+
+@triton.jit
+def _add_into(ptr, values, mask):
+    tl.store(ptr, tl.load(ptr, mask=mask) + values, mask=mask)
+
+
+@triton.jit
+def _pair_block(grad_s_row, grad_t_row, n_cols, k, col_scale, offs_i, s_i, t_i, offs_j, s_j, t_j,
+                concordance, row_gs, row_gt,
+                MASKED: tl.constexpr, SIGN_TEACHER: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+                FAST_TANH: tl.constexpr):
+    """The pairs (i, j) of one block, i in offs_i (logits s_i, t_i), j in offs_j (logits s_j, t_j): adds their
+    concordance into concordance (per column), their i-end gradient terms into the 2-D tiles row_gs, row_gt, and
+    their j-end terms, summed over i and times col_scale, into the gradients at offs_j. MASKED keeps only the pairs
+    i < j < C."""
+    x_s = (s_i[:, None] - s_j[None, :]) * k
+    x_t = t_i[:, None] - t_j[None, :]
+    a = _tanh(x_s, FAST_TANH)
+    if SIGN_TEACHER:
+        b = (x_t > 0).to(x_t.dtype) - (x_t < 0).to(x_t.dtype)
+    else:
+        x_t = x_t * k
+        b = _tanh(x_t, FAST_TANH)
+    if MASKED:
+        # Zero tanh values make every term of a dropped pair exactly zero.
+        keep = (offs_j[None, :] > offs_i[:, None]) & (offs_j[None, :] < n_cols)
+        a = tl.where(keep, a, 0.0)
+        b = tl.where(keep, b, 0.0)
+    concordance += tl.sum(a * b, axis=0)
+    if GRAD_S:
+        d_s = _sech2(x_s, a, FAST_TANH) * b  # sech^2(k (s_i - s_j)) g(t_i - t_j), odd in (i, j)
+        row_gs += d_s
+        _add_into(grad_s_row + offs_j, tl.sum(d_s, axis=0) * col_scale, offs_j < n_cols)
+    if GRAD_T:
+        d_t = a * _sech2(x_t, b, FAST_TANH)  # tanh(k (s_i - s_j)) sech^2(k (t_i - t_j)), odd in (i, j)
+        row_gt += d_t
+        _add_into(grad_t_row + offs_j, tl.sum(d_t, axis=0) * col_scale, offs_j < n_cols)
+    return concordance, row_gs, row_gt
+
+
+# n_cols is not specialized (on divisibility by 16): that would compile a kernel per kind of C and buy nothing here.
+@triton.jit(do_not_specialize=["n_cols"])
+def _kendall_pairs_kernel(
+    student_ptr, teacher_ptr, loss_ptr, grad_s_ptr, grad_t_ptr, n_cols, loss_base, k_hi, k_lo,
+    SIGN_TEACHER: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, FAST_TANH: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Program (row, part): the pairs of the row's panels dealt to `part` (of num_programs(1) parts).
+
+    Logits are (rows, C), contiguous. Writes loss_base - c * (its share of sum_{i<j} tanh_s g) to
+    loss_ptr[row, part] of a (rows, parts) array, and its share of dloss/dstudent, dloss/dteacher to
+    grad_{s,t}_ptr[row, part, :] of (rows, parts, C) arrays: the final values when there is one part (loss_base = 1),
+    partial sums for _kendall_sum_parts_kernel otherwise (loss_base = 0).
+    Non-finite logits are read as 0, counted in the program's panels (each channel lies in one), and make the row's
+    loss, or loss partial, NaN, and the gradients it writes NaN."""
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    n_parts = tl.num_programs(1)
+    acc_dtype = loss_ptr.dtype.element_ty
+    # Triton passes Python floats as float32: k arrives as two float32 halves so float64 logits get k to 48 bits.
+    k = tl.cast(k_hi, acc_dtype) + tl.cast(k_lo, acc_dtype)
+    n = tl.cast(n_cols, acc_dtype)
+    pair_scale = 2.0 / (n * (n - 1.0))
+    grad_scale = -pair_scale * k  # dL/ds_i = grad_scale * sum_{j != i} sech^2(k (s_i - s_j)) g(t_i - t_j)
+
+    student_row = student_ptr + row * n_cols
+    teacher_row = teacher_ptr + row * n_cols
+    grad_s_row = grad_s_ptr + (row * n_parts + part) * n_cols
+    grad_t_row = grad_t_ptr + (row * n_parts + part) * n_cols
+    i_range = tl.arange(0, BLOCK_I)
+    j_range = tl.arange(0, BLOCK_J)
+
+    if GRAD_S or GRAD_T:
+        for c0 in range(0, n_cols, BLOCK_J):
+            cols = c0 + j_range
+            if GRAD_S:
+                tl.store(grad_s_row + cols, tl.zeros([BLOCK_J], acc_dtype), mask=cols < n_cols)
+            if GRAD_T:
+                tl.store(grad_t_row + cols, tl.zeros([BLOCK_J], acc_dtype), mask=cols < n_cols)
+
+    concordance = tl.zeros([BLOCK_J], acc_dtype)  # sum over the program's pairs of tanh_s * g, per block column
+    non_finite = tl.zeros([BLOCK_I], tl.int32)  # count of non-finite logits in the program's panels
+    n_panels = tl.cdiv(n_cols, BLOCK_I)
+    for deal in range(0, tl.cdiv(n_panels, n_parts)):
+        # Panels go to parts in snake order (0..P-1, then P-1..0, ...): panel I pairs with the C - I * BLOCK_I
+        # channels from its start on, and snaking evens out the parts' shares of that triangle.
+        panel = deal * n_parts + tl.where(deal % 2 == 0, part, n_parts - 1 - part)
+        if panel < n_panels:
+            if GRAD_S or GRAD_T:
+                tl.debug_barrier()  # the previous panel's read-modify-writes (or the zero fill) land first
+            offs_i = panel * BLOCK_I + i_range
+            mask_i = offs_i < n_cols
+            s_i, s_bad = _load_logits(student_row + offs_i, mask_i, acc_dtype)
+            t_i, t_bad = _load_logits(teacher_row + offs_i, mask_i, acc_dtype)
+            non_finite += s_bad + t_bad
+            row_gs = tl.zeros([BLOCK_I, BLOCK_J], acc_dtype)
+            row_gt = tl.zeros([BLOCK_I, BLOCK_J], acc_dtype)
+            first_col = panel * BLOCK_I
+            # The diagonal block (pairs within the panel, i < j), then full blocks, then the block crossing C, if any
+            # and if it is not the diagonal block. Only the first and last need masks.
+            tail = n_cols - (n_cols - first_col) % BLOCK_J
+            offs_j = first_col + j_range
+            s_j, _ = _load_logits(student_row + offs_j, offs_j < n_cols, acc_dtype)
+            t_j, _ = _load_logits(teacher_row + offs_j, offs_j < n_cols, acc_dtype)
+            concordance, row_gs, row_gt = _pair_block(
+                grad_s_row, grad_t_row, n_cols, k, -grad_scale, offs_i, s_i, t_i, offs_j, s_j, t_j,
+                concordance, row_gs, row_gt, True, SIGN_TEACHER, GRAD_S, GRAD_T, FAST_TANH)
+            # Each full block's logits are loaded one block ahead, so the loads' latency hides behind the math.
+            offs_next = first_col + BLOCK_J + j_range
+            s_next, _ = _load_logits(student_row + offs_next, offs_next < tail, acc_dtype)
+            t_next, _ = _load_logits(teacher_row + offs_next, offs_next < tail, acc_dtype)
+            for j0 in range(first_col + BLOCK_J, tail, BLOCK_J):
+                s_j, t_j = s_next, t_next
+                offs_next = j0 + BLOCK_J + j_range
+                s_next, _ = _load_logits(student_row + offs_next, offs_next < tail, acc_dtype)
+                t_next, _ = _load_logits(teacher_row + offs_next, offs_next < tail, acc_dtype)
+                concordance, row_gs, row_gt = _pair_block(
+                    grad_s_row, grad_t_row, n_cols, k, -grad_scale, offs_i, s_i, t_i, j0 + j_range, s_j, t_j,
+                    concordance, row_gs, row_gt, False, SIGN_TEACHER, GRAD_S, GRAD_T, FAST_TANH)
+            if (tail > first_col) & (tail < n_cols):
+                offs_j = tail + j_range
+                s_j, _ = _load_logits(student_row + offs_j, offs_j < n_cols, acc_dtype)
+                t_j, _ = _load_logits(teacher_row + offs_j, offs_j < n_cols, acc_dtype)
+                concordance, row_gs, row_gt = _pair_block(
+                    grad_s_row, grad_t_row, n_cols, k, -grad_scale, offs_i, s_i, t_i, offs_j, s_j, t_j,
+                    concordance, row_gs, row_gt, True, SIGN_TEACHER, GRAD_S, GRAD_T, FAST_TANH)
+            if GRAD_S or GRAD_T:
+                tl.debug_barrier()  # the diagonal block's column sums went to this panel's own channels
+            if GRAD_S:
+                _add_into(grad_s_row + offs_i, tl.sum(row_gs, axis=1) * grad_scale, mask_i)
+            if GRAD_T:
+                _add_into(grad_t_row + offs_i, tl.sum(row_gt, axis=1) * grad_scale, mask_i)
+
+    has_non_finite = tl.sum(non_finite, axis=0) > 0
+    if GRAD_S or GRAD_T:
+        if has_non_finite:  # the whole slice, so that the row's gradients come out NaN whatever the other parts hold
+            tl.debug_barrier()
+            for c0 in range(0, n_cols, BLOCK_J):
+                cols = c0 + j_range
+                nan = tl.full([BLOCK_J], float("nan"), acc_dtype)
+                if GRAD_S:
+                    tl.store(grad_s_row + cols, nan, mask=cols < n_cols)
+                if GRAD_T:
+                    tl.store(grad_t_row + cols, nan, mask=cols < n_cols)
+    loss = loss_base - pair_scale * tl.sum(concordance, axis=0)
+    tl.store(loss_ptr + row * n_parts + part, tl.where(has_non_finite, float("nan"), loss))
+
+
+@triton.jit
+def _sum_parts(part_row, out_row, offs, mask, n_cols, n_parts, BLOCK_C: tl.constexpr):
+    total = tl.zeros([BLOCK_C], out_row.dtype.element_ty)
+    for p in range(0, n_parts):
+        total += tl.load(part_row + p * n_cols + offs, mask=mask, other=0.0)
+    tl.store(out_row + offs, total, mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_cols", "n_parts"])
+def _kendall_sum_parts_kernel(
+    loss_part_ptr, grad_s_part_ptr, grad_t_part_ptr,
+    loss_ptr, grad_s_ptr, grad_t_ptr,
+    n_cols, n_parts,
+    GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK_PARTS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Program (row, column block): adds the parts' partial sums in part order. A part whose panels hold a non-finite
+    logit left NaN in its loss partial and its whole gradient slices, so the row's sums come out NaN."""
+    row = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    parts = tl.arange(0, BLOCK_PARTS)
+    loss_parts = tl.load(loss_part_ptr + row * n_parts + parts, mask=parts < n_parts, other=0.0)
+    tl.store(loss_ptr + row, 1.0 + tl.sum(loss_parts, axis=0), mask=block == 0)
+    offs = block * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = offs < n_cols
+    if GRAD_S:
+        _sum_parts(grad_s_part_ptr + row * n_parts * n_cols, grad_s_ptr + row * n_cols, offs, mask, n_cols, n_parts,
+                   BLOCK_C)
+    if GRAD_T:
+        _sum_parts(grad_t_part_ptr + row * n_parts * n_cols, grad_t_ptr + row * n_cols, offs, mask, n_cols, n_parts,
+                   BLOCK_C)
+
+
+# Under TRITON_INTERPRET=1, @triton.jit returns Python-run stand-ins instead of JITFunctions.
+INTERPRETED = not isinstance(_kendall_pairs_kernel, triton.runtime.JITFunction)
+FAST_TANH = not INTERPRETED and os.environ.get("RANKKD_TRITON_EXACT_TANH", "0") != "1"
+
+# Launch shape. A block is BLOCK_J = 32 * num_warps columns, one per thread, times BLOCK_I rows that every thread holds
+# in registers, so the column sums of a block stay within a thread. Two warps keep blocks narrow (64 columns: little
+# waste in the half-empty block where a panel's sweep meets the row's end) while the SM runs several programs. Rows
+# per thread are as many as fit without spilling (sm_90 SASS, one column of 32 rows: ~220-255 registers on the fast
+# path, 4 programs per SM); the exact tanh needs more live values, and float64 twice the registers.
+NUM_WARPS = 2
+BLOCK_I_FAST, BLOCK_I_EXACT, BLOCK_I_FLOAT64 = 32, 16, 8
+# The interpreter runs a block as numpy operations on whole arrays: fewer, larger blocks are faster there.
+BLOCK_I_INTERPRETED, BLOCK_J_INTERPRETED = 64, 256
+_SUM_BLOCK_C = 1024
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def num_parts(rows, n_cols, block_i, device):
+    """Parts per row: about eight programs per SM (two waves at four resident per SM: equal programs then leave few
+    SMs idle at the end), one part when the rows alone give that or the problem is too small to be worth a second
+    launch, and at most MAX_PARTS and half the row's panels (two panels per part, snake-dealt, keep parts even)."""
+    if rows * n_cols * n_cols <= _SMALL_PROBLEM:
+        return 1
+    return max(1, min(triton.cdiv(8 * _num_sms(device), rows), MAX_PARTS, triton.cdiv(n_cols, block_i) // 2))
+
+
+def _check_args(student, teacher, k, sign_teacher, grad_teacher):
+    name = "rankkd::kendall_rank_triton"
+    if student.dim() != 2:
+        raise ValueError(f"{name}: student must be 2-D (rows, C), got shape {tuple(student.shape)}")
+    if teacher.shape != student.shape:
+        raise ValueError(f"{name}: teacher shape {tuple(teacher.shape)} must equal student shape "
+                         f"{tuple(student.shape)}")
+    if student.dtype != teacher.dtype:
+        raise ValueError(f"{name}: student dtype {student.dtype} and teacher dtype {teacher.dtype} must match")
+    if student.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"{name}: logits must be float16, bfloat16, float32 or float64, got {student.dtype}")
+    if student.device != teacher.device:
+        raise ValueError(f"{name}: student on {student.device} and teacher on {teacher.device} must be on one device")
+    if student.shape[1] < 2:
+        raise ValueError(f"{name}: need at least 2 classes, got C = {student.shape[1]}")
+    if not (k > 0 and k < float("inf")):
+        raise ValueError(f"{name}: k must be a finite number > 0, got {k}")
+    if sign_teacher and grad_teacher:
+        raise ValueError(f"{name}: teacher_mode 'sign' has no teacher gradient; pass grad_teacher=False")
+
+
+def kendall_rank(student, teacher, k, sign_teacher, grad_student, grad_teacher, *, block_i=None, block_j=None,
+                 num_warps=NUM_WARPS, parts=None, fast_tanh=None):
+    """The op's implementation, with the launch knobs exposed for tests and tuning: panel height block_i (default
+    BLOCK_I_FAST, _EXACT or _FLOAT64; BLOCK_I_INTERPRETED in the interpreter), block width block_j (default
+    32 * num_warps, or BLOCK_J_INTERPRETED; must be >= block_i), parts per row (default num_parts), fast_tanh (default
+    FAST_TANH; float64 logits always take the exact path)."""
+    _check_args(student, teacher, k, sign_teacher, grad_teacher)
+    student, teacher = student.contiguous(), teacher.contiguous()
+    rows, n_cols = student.shape
+    acc_dtype = _fused.accumulation_dtype(student.dtype)
+    fast_tanh = (FAST_TANH if fast_tanh is None else fast_tanh) and acc_dtype == torch.float32
+    if block_i is None:
+        block_i = (BLOCK_I_INTERPRETED if INTERPRETED else BLOCK_I_FLOAT64 if acc_dtype == torch.float64 else
+                   BLOCK_I_FAST if fast_tanh else BLOCK_I_EXACT)
+    if block_j is None:
+        block_j = BLOCK_J_INTERPRETED if INTERPRETED else 32 * num_warps
+    if block_j < block_i:
+        raise ValueError(f"block_j ({block_j}) must be >= block_i ({block_i}): a panel's diagonal is one block")
+    parts = num_parts(rows, n_cols, block_i, student.device) if parts is None else parts
+    if not 1 <= parts <= MAX_PARTS:
+        raise ValueError(f"parts must be in [1, MAX_PARTS = {MAX_PARTS}], got {parts}")
+    k_hi = struct.unpack("f", struct.pack("f", k))[0]  # k rounded to float32; k_hi + k_lo holds k to 48 bits
+    k_lo = k - k_hi
+
+    loss = student.new_empty((rows,), dtype=acc_dtype)
+    grad_s = student.new_empty((rows, n_cols) if grad_student else (0,), dtype=acc_dtype)
+    grad_t = student.new_empty((rows, n_cols) if grad_teacher else (0,), dtype=acc_dtype)
+    if parts == 1:  # the kernel writes the results directly
+        loss_out, grad_s_out, grad_t_out, loss_base = loss, grad_s, grad_t, 1.0
+    else:
+        loss_out = student.new_empty((rows, parts), dtype=acc_dtype)
+        grad_s_out = student.new_empty((rows, parts, n_cols) if grad_student else (0,), dtype=acc_dtype)
+        grad_t_out = student.new_empty((rows, parts, n_cols) if grad_teacher else (0,), dtype=acc_dtype)
+        loss_base = 0.0
+
+    # Interpreted kernels need (and, in older torch, accept) no wrapping; the op is then an opaque custom op.
+    pairs_kernel = _kendall_pairs_kernel if INTERPRETED else wrap_triton(_kendall_pairs_kernel)
+    sum_kernel = _kendall_sum_parts_kernel if INTERPRETED else wrap_triton(_kendall_sum_parts_kernel)
+    # Triton launches on the current CUDA device, which need not be the tensors'.
+    with torch.cuda.device(student.device) if student.is_cuda else contextlib.nullcontext():
+        pairs_kernel[(rows, parts)](
+            student, teacher, loss_out, grad_s_out, grad_t_out, n_cols, loss_base, k_hi, k_lo,
+            SIGN_TEACHER=sign_teacher, GRAD_S=grad_student, GRAD_T=grad_teacher, FAST_TANH=fast_tanh,
+            BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps, num_stages=1)
+        if parts > 1:
+            sum_kernel[(rows, triton.cdiv(n_cols, _SUM_BLOCK_C))](
+                loss_out, grad_s_out, grad_t_out, loss, grad_s, grad_t, n_cols, parts,
+                GRAD_S=grad_student, GRAD_T=grad_teacher, BLOCK_PARTS=MAX_PARTS, BLOCK_C=_SUM_BLOCK_C, num_warps=4)
+    return loss, grad_s, grad_t
+
+
+def _kendall_rank_triton(student: torch.Tensor, teacher: torch.Tensor, k: float, sign_teacher: bool,
+                         grad_student: bool, grad_teacher: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return kendall_rank(student, teacher, k, sign_teacher, grad_student, grad_teacher)
+
+
+# triton_op lets torch.compile see (and schedule) the kernels. The interpreter runs kernels as Python on real
+# tensors, which dispatcher tracing (torch.compile, opcheck) cannot feed with fake tensors: there the op is opaque.
+_define_op = custom_op if INTERPRETED else triton_op
+kendall_rank_triton = _define_op("rankkd::kendall_rank_triton", mutates_args=())(_kendall_rank_triton)
+kendall_rank_triton.register_fake(_fused.fake_kendall_rank)
+_fused.register_autograd("rankkd::kendall_rank_triton")

@@ -1,0 +1,273 @@
+"""What is specific to the Triton kernel (rankkd/triton/kendall.py): the panel/block tiling and the split of a row
+into parts at small tile sizes (in the interpreter, on CPU tensors, when there is no GPU), its NaN and determinism
+guarantees, and on a GPU the fast and exact tanh paths, large C, half inputs, torch.compile and opcheck. The shared
+contract of every backend is tested in test_kendall.py."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rankkd
+from rankkd import reference
+
+triton_kendall = pytest.importorskip("rankkd.triton.kendall")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif("triton" not in rankkd.available_backends(DEVICE),
+                                reason="Triton cannot run here (not installed, or CPU without TRITON_INTERPRET=1)")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def logits(rows, n, dtype=torch.float32, scale=3.0, device=DEVICE):
+    return (scale * torch.randn(rows, n, dtype=torch.float64)).to(device=device, dtype=dtype)
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def reference_outputs(student, teacher, k, sign_teacher):
+    """Per-row loss and per-row gradients from rankkd.reference in float64 (rows are independent, so the gradient
+    of the sum of the rows' losses holds each row's own gradient)."""
+    s = student.detach().double().requires_grad_()
+    t = teacher.detach().double().requires_grad_()
+    loss = reference.row_losses(s, t, k, "sign" if sign_teacher else "tanh")
+    grad_s, grad_t = torch.autograd.grad(loss.sum(), (s, t), allow_unused=True)
+    return loss.detach(), grad_s, grad_t
+
+
+def analytic_outputs(student, teacher, k, sign_teacher, chunk=256):
+    """The same per-row loss and gradients from the closed forms (DESIGN.md), in float64, chunked over i so that large
+    C never builds a rows x C x C tensor, shaped like the op's outputs (no teacher gradient in sign mode). Sums run
+    over all ordered pairs (i, j): both factors are odd, and the i = j terms vanish."""
+    s, t = student.double(), teacher.double()
+    n = s.shape[1]
+    c = 2.0 / (n * (n - 1))
+    concordance = torch.zeros(s.shape[0], dtype=torch.float64, device=s.device)
+    grad_s, grad_t = torch.empty_like(s), torch.empty_like(t)
+    for i0 in range(0, n, chunk):
+        a = torch.tanh(k * (s[:, i0:i0 + chunk, None] - s[:, None, :]))
+        dt = t[:, i0:i0 + chunk, None] - t[:, None, :]
+        b = torch.sign(dt) if sign_teacher else torch.tanh(k * dt)
+        concordance += (a * b).sum(dim=(1, 2)) / 2
+        grad_s[:, i0:i0 + chunk] = -c * k * ((1 - a * a) * b).sum(-1)
+        grad_t[:, i0:i0 + chunk] = -c * k * (a * (1 - b * b)).sum(-1)
+    return 1 - c * concordance, grad_s, grad_t.new_empty(0) if sign_teacher else grad_t
+
+
+def check_close(outputs, expected, tol, grad_student=True, grad_teacher=True):
+    loss, grad_s, grad_t = outputs
+    ref_loss, ref_grad_s, ref_grad_t = expected
+    assert loss.shape == ref_loss.shape and rel_err(loss, ref_loss) <= tol
+    if grad_student:
+        assert grad_s.shape == ref_grad_s.shape and rel_err(grad_s, ref_grad_s) <= tol
+    else:
+        assert grad_s.shape == (0,)
+    if grad_teacher:
+        assert grad_t.shape == ref_grad_t.shape and rel_err(grad_t, ref_grad_t) <= tol
+    else:
+        assert grad_t.shape == (0,)
+
+
+# (C, block_i, block_j, parts): one partial block; more parts than panels; full blocks plus a ragged last block, on
+# one part and snake-dealt over three; block_i == block_j with C a multiple of both; longer sweeps over many parts.
+# On a GPU each tiling and dtype is a compilation of its own: there a subset, and the GPU tests use the real tiles.
+TILINGS = [(2, 4, 8, 1), (3, 4, 8, 2), (37, 8, 16, 1), (37, 8, 16, 3), (64, 16, 16, 2), (130, 16, 32, 4),
+           (300, 32, 64, 3)]
+TILING_DTYPES = [torch.float32, torch.float64]
+if DEVICE == "cuda":
+    TILINGS, TILING_DTYPES = [(37, 8, 16, 3), (300, 32, 64, 3)], [torch.float32]
+
+
+@pytest.mark.parametrize("n,block_i,block_j,parts", TILINGS, ids=[f"C{t[0]}-{t[1]}x{t[2]}-p{t[3]}" for t in TILINGS])
+@pytest.mark.parametrize("dtype", TILING_DTYPES)
+def test_tilings_match_reference(n, block_i, block_j, parts, dtype):
+    student, teacher = logits(3, n, dtype), logits(3, n, dtype)
+    for sign_teacher in (False, True):
+        out = triton_kendall.kendall_rank(student, teacher, 0.8, sign_teacher, True, not sign_teacher,
+                                          block_i=block_i, block_j=block_j, parts=parts, fast_tanh=False)
+        assert all(x.dtype == dtype for x in out)
+        check_close(out, reference_outputs(student, teacher, 0.8, sign_teacher), 1e-5 if dtype == torch.float32 else
+                    1e-12, grad_teacher=not sign_teacher)
+
+
+@pytest.mark.parametrize("grad_student,grad_teacher", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("parts", [1, 3])
+def test_each_gradient_alone(grad_student, grad_teacher, parts):
+    student, teacher = logits(2, 45), logits(2, 45)
+    out = triton_kendall.kendall_rank(student, teacher, 1.3, False, grad_student, grad_teacher, block_i=8, block_j=16,
+                                      parts=parts, fast_tanh=False)
+    check_close(out, reference_outputs(student, teacher, 1.3, False), 1e-5, grad_student, grad_teacher)
+
+
+def test_analytic_helper_matches_reference():
+    # analytic_outputs checks the kernel at C where the reference cannot go; here it is checked itself.
+    student, teacher = logits(2, 50, torch.float64, device="cpu"), logits(2, 50, torch.float64, device="cpu")
+    for sign_teacher in (False, True):
+        expected = reference_outputs(student, teacher, 0.9, sign_teacher)
+        check_close(analytic_outputs(student, teacher, 0.9, sign_teacher, chunk=16), expected, 1e-12,
+                    grad_teacher=not sign_teacher)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_compute_in_float32(dtype):
+    student, teacher = logits(3, 40, dtype), logits(3, 40, dtype)
+    out = triton_kendall.kendall_rank(student, teacher, 1.0, False, True, True, block_i=8, block_j=16, parts=2,
+                                      fast_tanh=False)
+    assert all(x.dtype == torch.float32 for x in out)
+    # Half logits are exact in float64: the reference sees the very same inputs.
+    check_close(out, reference_outputs(student, teacher, 1.0, False), 1e-5)
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_non_finite_rows_give_nan(parts):
+    student, teacher = logits(5, 40), logits(5, 40)
+    student[1, 3] = float("inf")
+    teacher[2, 39] = float("nan")  # in the last panel, which three parts deal to part 1
+    student[3, 20] = -float("inf")
+    loss, grad_s, grad_t = triton_kendall.kendall_rank(student, teacher, 1.0, False, True, True, block_i=8,
+                                                       block_j=16, parts=parts, fast_tanh=False)
+    bad = torch.tensor([False, True, True, True, False], device=student.device)
+    assert loss[bad].isnan().all() and grad_s[bad].isnan().all() and grad_t[bad].isnan().all()
+    assert not loss[~bad].isnan().any() and not grad_s[~bad].isnan().any() and not grad_t[~bad].isnan().any()
+    good = (loss[~bad], grad_s[~bad], grad_t[~bad])
+    check_close(good, reference_outputs(student[~bad], teacher[~bad], 1.0, False), 1e-5)
+
+
+@pytest.mark.parametrize("parts", [1, 4])
+def test_deterministic(parts):
+    student, teacher = logits(3, 150), logits(3, 150)
+    first = triton_kendall.kendall_rank(student, teacher, 1.0, False, True, True, block_i=16, block_j=32, parts=parts,
+                                        fast_tanh=False)
+    second = triton_kendall.kendall_rank(student, teacher, 1.0, False, True, True, block_i=16, block_j=32,
+                                         parts=parts, fast_tanh=False)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    check_close(first, reference_outputs(student, teacher, 1.0, False), 1e-5)
+
+
+def test_default_launch_matches_reference():
+    # The op's own choice of tiles, parts and tanh path (the exact one under the interpreter).
+    student, teacher = logits(4, 70), logits(4, 70)
+    out = torch.ops.rankkd.kendall_rank_triton(student, teacher, 1.1, False, True, True)
+    tol = 2e-3 if triton_kendall.FAST_TANH else 1e-5
+    check_close(out, reference_outputs(student, teacher, 1.1, False), tol)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda s, t: torch.ops.rankkd.kendall_rank_triton(s, t[:, :-1], 1.0, False, True, True), "shape"),
+    (lambda s, t: torch.ops.rankkd.kendall_rank_triton(s, t.double(), 1.0, False, True, True), "dtype"),
+    (lambda s, t: torch.ops.rankkd.kendall_rank_triton(s[:, :1], t[:, :1], 1.0, False, True, True), "2 classes"),
+    (lambda s, t: torch.ops.rankkd.kendall_rank_triton(s, t, 0.0, False, True, True), "k must"),
+    (lambda s, t: torch.ops.rankkd.kendall_rank_triton(s, t, 1.0, True, True, True), "sign"),
+    (lambda s, t: triton_kendall.kendall_rank(s, t, 1.0, False, True, True, block_i=32, block_j=16), "block_j"),
+])
+def test_bad_arguments_raise(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(logits(2, 10), logits(2, 10))
+
+
+@pytest.mark.parametrize("flags", [(False, True, True), (False, True, False), (True, True, False),
+                                   (False, False, False)])
+def test_opcheck(flags):
+    sign_teacher, grad_student, grad_teacher = flags
+    student = logits(3, 19).requires_grad_(grad_student)
+    teacher = logits(3, 19).requires_grad_(grad_teacher)
+    torch.library.opcheck(torch.ops.rankkd.kendall_rank_triton.default,
+                          (student, teacher, 1.3, sign_teacher, grad_student, grad_teacher))
+
+
+def test_compile_fullgraph_matches_eager():
+    def step(student, teacher):
+        return rankkd.kendall_rank_loss(student, teacher, k=1.5, topk=20, backend="triton")
+
+    # Under the interpreter the op is opaque to the compiler, and aot_eager is enough; on a GPU inductor schedules the
+    # Triton kernels itself.
+    compiled = torch.compile(step, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
+    student, teacher = logits(6, 50), logits(6, 50)
+    results = []
+    for fn in (step, compiled):
+        s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+        loss = fn(s, t)
+        loss.backward()
+        results.append((loss, s.grad, t.grad))
+    for eager, compiled_out in zip(*results):
+        torch.testing.assert_close(compiled_out, eager)
+
+
+# GPU only: the compiled kernels, at the sizes and speeds they are for.
+
+@needs_cuda
+@pytest.mark.parametrize("sign_teacher", [False, True])
+def test_fast_tanh_accuracy(sign_teacher):
+    student, teacher = logits(64, 1000), logits(64, 1000)
+    out = triton_kendall.kendall_rank(student, teacher, 1.0, sign_teacher, True, not sign_teacher, fast_tanh=True)
+    check_close(out, reference_outputs(student, teacher, 1.0, sign_teacher), 2e-3, grad_teacher=not sign_teacher)
+
+
+@needs_cuda
+@pytest.mark.parametrize("sign_teacher", [False, True])
+def test_exact_tanh_accuracy(sign_teacher):
+    student, teacher = logits(64, 1000), logits(64, 1000)
+    out = triton_kendall.kendall_rank(student, teacher, 1.0, sign_teacher, True, not sign_teacher, fast_tanh=False)
+    check_close(out, reference_outputs(student, teacher, 1.0, sign_teacher), 1e-5, grad_teacher=not sign_teacher)
+
+
+@needs_cuda
+@pytest.mark.parametrize("rows,n", [(8, 4096), (2, 32768)])
+def test_large_c(rows, n):
+    student, teacher = logits(rows, n), logits(rows, n)
+    expected = analytic_outputs(student, teacher, 1.0, False)
+    check_close(triton_kendall.kendall_rank(student, teacher, 1.0, False, True, True, fast_tanh=False), expected, 1e-5)
+    first = triton_kendall.kendall_rank(student, teacher, 1.0, False, True, True, fast_tanh=True)
+    check_close(first, expected, 2e-3)
+    second = triton_kendall.kendall_rank(student, teacher, 1.0, False, True, True, fast_tanh=True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+@pytest.mark.parametrize("parts", [1, 7])
+def test_gpu_parts_match_reference_and_repeat_exactly(parts):
+    student, teacher = logits(16, 777), logits(16, 777)
+    first = triton_kendall.kendall_rank(student, teacher, 1.0, False, True, True, parts=parts, fast_tanh=False)
+    check_close(first, reference_outputs(student, teacher, 1.0, False), 1e-5)
+    second = triton_kendall.kendall_rank(student, teacher, 1.0, False, True, True, parts=parts, fast_tanh=False)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+def test_memory_is_linear_in_c():
+    rows, n = 4, 16384
+    student, teacher = logits(rows, n), logits(rows, n)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    triton_kendall.kendall_rank(student, teacher, 1.0, False, True, True)
+    torch.cuda.synchronize()
+    # Outputs plus at most MAX_PARTS partial slices per gradient, in float32; a rows x C x C tensor would be 4 GiB.
+    assert torch.cuda.max_memory_allocated() - before <= (2 * triton_kendall.MAX_PARTS + 4) * rows * n * 4
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_half_inputs(dtype):
+    student, teacher = logits(64, 1000, dtype), logits(64, 1000, dtype)
+    out = triton_kendall.kendall_rank(student, teacher, 1.0, False, True, False)
+    assert all(x.dtype == torch.float32 for x in out)
+    check_close(out, reference_outputs(student, teacher, 1.0, False), 2e-3, grad_teacher=False)
+
+
+@needs_cuda
+def test_exact_tanh_env_switch():
+    script = "import rankkd.triton.kendall as k; print(k.FAST_TANH)"
+    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET",
+                                                                          "RANKKD_TRITON_EXACT_TANH")}
+    default = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    exact = subprocess.run([sys.executable, "-c", script], env={**env, "RANKKD_TRITON_EXACT_TANH": "1"},
+                           capture_output=True, text=True, check=True)
+    assert default.stdout.split()[-1] == "True" and exact.stdout.split()[-1] == "False"
