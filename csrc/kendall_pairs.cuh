@@ -1,0 +1,363 @@
+// The pair kernel of the CUDA Kendall rank loss: every unordered pair (i, j) of a row is evaluated once and feeds both
+// ends, with deterministic reductions and O(rows * C) memory.
+//
+// Work. A row's C channels are cut into nt tiles of kTile (the last one padded with zeros). The unordered tile pairs
+// are enumerated in strips: strip I holds (I, (I + d) mod nt) for d in [0, strip_length(I)), the circulant split of the
+// complete graph, so each unordered tile pair appears exactly once and every strip has nt/2 or nt/2 + 1 tile pairs.
+// Each row gets `groups` CTAs; CTA g takes a contiguous range of the row's tile pairs in strip order, so the split is
+// balanced to one tile pair whatever nt and groups are.
+//
+// A CTA (4 warps) works on one tile pair at a time. Lane = ty + 8 tx (ty in [0, 8), tx in [0, 4)) of warp w owns
+//   row slots a in [0, 8):    i = I * kTile + ty + 8 a       (in registers for the whole strip)
+//   column slots b in [0, 4): j = J * kTile + 16 w + 4 tx + b
+// and evaluates those 8 x 4 pairs: every (i, j) of the tile pair once. What a pair adds to i is summed in registers
+// over the strip; what it adds to j is reduced over the 8 lanes sharing tx (shuffles) after each tile pair. The
+// diagonal tile pair (d = 0, I == J) covers only i < j: warp w stops after row slot 2w + 1 (every later i is past its
+// columns j) and zeroes the pairs with i >= j in its last two row slots, so each unordered pair is evaluated once.
+//
+// Padding. A padded channel has value 0 and mask 0. The differences are formed as x_i * m_j - x_j, exactly 0 when j is
+// padding, which makes every term of the pair 0; the terms a padded i adds to j's and to the loss are multiplied by
+// m_i inside FFMAs that are needed anyway. A padded i's own sums are never written. So padding costs no instructions.
+//
+// Determinism. Each CTA accumulates into its own slice of a (rows * groups, C) buffer with plain loads and stores in a
+// fixed order (one lane owns each element within a tile pair; __syncthreads orders the rest). A second kernel sums the
+// slices in group order. No atomics anywhere.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "kendall_tanh.cuh"
+
+namespace rankkd {
+namespace cuda {
+
+constexpr int kTile = 64;
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kRowSlots = 8;   // rows (i) per lane
+constexpr int kColSlots = 4;   // columns (j) per lane
+constexpr int kRowLanes = 8;   // lanes of a warp that share their columns and own different rows
+constexpr int kColLanes = 4;   // lanes of a warp that share their rows and own different columns
+constexpr int kWarpColumns = kColLanes * kColSlots;  // the columns of a tile that one warp owns
+static_assert(kRowLanes * kColLanes == 32, "a warp is kRowLanes x kColLanes lanes");
+static_assert(kRowLanes * kRowSlots == kTile, "the row slots of 8 lanes cover a tile");
+static_assert(kWarps * kWarpColumns == kTile, "the column slots of a CTA cover a tile");
+static_assert(kWarpColumns % kRowLanes == 0, "a warp's diagonal block ends on a row slot boundary");
+
+// Where each pair's second tanh comes from. kExact is the accurate path (and the only one for float64); kApprox uses
+// MUFU.TANH for both; kMixed moves a share of the teacher tanh to tanh_poly on the FMA pipe.
+enum class Variant : int { kExact = 0, kApprox = 1, kMixed = 2 };
+
+template <Variant V>
+struct VariantTraits;
+template <>
+struct VariantTraits<Variant::kExact> {
+  // Differences are formed from the raw logits and then scaled: k (s_i - s_j) keeps every bit of a small difference,
+  // while k s_i - k s_j would carry the rounding of both products.
+  static constexpr bool kPrescaled = false;
+};
+template <>
+struct VariantTraits<Variant::kApprox> {
+  // The prepared logits are k s: one multiply less per difference; its rounding is far below tanh.approx's error.
+  static constexpr bool kPrescaled = true;
+};
+template <>
+struct VariantTraits<Variant::kMixed> {
+  static constexpr bool kPrescaled = true;
+};
+
+// How many of a lane's kRowSlots x kColSlots pairs per tile pair take their teacher tanh from tanh_poly in the mixed
+// variant. In the sm_90 SASS of the student-gradient kernel a tile pair costs 372 issue slots and 64 MUFU.TANH, which
+// keep the MUFU busy for 512 clocks; each tanh_poly adds 15 slots and takes 8 clocks off the MUFU, so 6 of them meet
+// at about 464 clocks (9% under approx). With the teacher gradient, issue nearly meets the MUFU time already (491
+// against 512) and mixed runs approx; with a sign teacher there is one tanh per pair and issue binds. See
+// bench/NOTES.md.
+constexpr int kMixedPolyPairs = 6;
+
+// ---- tile pair enumeration ------------------------------------------------------------------------------------------
+
+__host__ __device__ inline int64_t tile_pairs(int64_t nt) { return nt * (nt + 1) / 2; }
+
+struct Strip {
+  int64_t first;  // linear index of the strip's first tile pair
+  int64_t tile;   // I
+  int64_t length; // tile pairs in the strip
+};
+
+// The strip that holds linear tile pair index idx. With h = nt / 2: for odd nt every strip has h + 1 tile pairs; for
+// even nt strips I < h have h + 1 and strips I >= h have h (the tile pair at distance h is taken by the lower strip).
+__host__ __device__ inline Strip strip_containing(int64_t idx, int64_t nt) {
+  const int64_t h = nt / 2;
+  const int64_t long_length = h + 1;
+  const int64_t long_pairs = nt % 2 == 1 ? nt * long_length : h * long_length;
+  if (idx < long_pairs) {
+    const int64_t tile = idx / long_length;
+    return {tile * long_length, tile, long_length};
+  }
+  const int64_t tile = h + (idx - long_pairs) / h;
+  return {long_pairs + (tile - h) * h, tile, h};
+}
+
+// ---- per-pair math --------------------------------------------------------------------------------------------------
+
+template <typename T>
+struct PairArgs {
+  const T* student;          // (rows, padded): prepared logits, zero padded, times k when the variant prescales
+  const T* teacher;          // likewise
+  const int32_t* nonfinite;  // (rows,): 1 where the row holds a non-finite logit
+  T* grad_s;                 // (rows * groups, C): each CTA's sums of sech^2_s g per channel
+  T* grad_t;                 // likewise, sums of tanh_s sech^2_t; nullptr without teacher gradient
+  double* loss_part;         // (rows * groups,): each CTA's sum of tanh_s g over its unordered pairs
+  int channels;              // C (< 2^31: in-row indices are 32-bit, row offsets 64-bit)
+  int padded;                // nt * kTile
+  int tiles;                 // nt
+  int64_t groups;            // CTAs per row
+  T k;
+};
+
+// sign(d) with sign(0) = 0 (padding and ties must add nothing): LOP3, FSETP, FSEL.
+template <typename T>
+__device__ __forceinline__ T sign_or_zero(T d) {
+  return d == T(0) ? T(0) : copysign(T(1), d);
+}
+
+// k (x_i - x_j), or exactly 0 when j is padding (m_j = 0 and x_j = 0).
+template <bool kPrescaled, typename T>
+__device__ __forceinline__ T scaled_difference(T xi, T xj, T mj, T k) {
+  const T d = fma(xi, mj, -xj);
+  return kPrescaled ? d : k * d;
+}
+
+// The tanh of a difference: MUFU.TANH in the fast variants, the accurate one in kExact and for float64.
+template <Variant V>
+__device__ __forceinline__ float pair_tanh(float x) {
+  if constexpr (V == Variant::kExact) {
+    return tanh_exact(x);
+  } else {
+    return tanh_approx(x);
+  }
+}
+template <Variant V>
+__device__ __forceinline__ double pair_tanh(double x) {
+  static_assert(V == Variant::kExact, "float64 has only the exact path");
+  return tanh_exact(x);
+}
+
+// The lane's kRowSlots x kColSlots pairs of one tile pair. Adds to row (per i), col (per j, already negated: what a
+// pair adds to i it takes from j) and the tile's loss sum. g is tanh(k dt) or sign(dt); sech^2 = 1 - tanh^2 is taken
+// as b - a (a b) and a - b (a b), one FFMA each from the product that the loss needs anyway. kDiagonal: I == J, only
+// the pairs with i < j count (see the top of this file); zeroing both tanh of a pair zeroes everything it adds.
+template <typename T, Variant V, bool kSign, bool kGradT, bool kDiagonal>
+__device__ __forceinline__ void tile_pair(const T (&xi)[kRowSlots], const T (&yi)[kRowSlots],
+                                          const T (&mi)[kRowSlots], const T (&xj)[kColSlots],
+                                          const T (&yj)[kColSlots], const T (&mj)[kColSlots], T k,
+                                          T (&row_s)[kRowSlots], T (&row_t)[kRowSlots], T (&col_s)[kColSlots],
+                                          T (&col_t)[kColSlots], T& loss) {
+  constexpr bool kPrescaled = VariantTraits<V>::kPrescaled;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int i_offset = lane % kRowLanes;                                        // i - I * kTile - kRowLanes * a
+  const int j_offset = warp * kWarpColumns + (lane / kRowLanes) * kColSlots;   // j - J * kTile - b
+#pragma unroll
+  for (int a = 0; a < kRowSlots; ++a) {
+    if (kDiagonal && a * kRowLanes >= (warp + 1) * kWarpColumns) break;  // every later i is past this warp's j
+    T p[kColSlots], gs[kColSlots], gt[kColSlots];
+#pragma unroll
+    for (int b = 0; b < kColSlots; ++b) {
+      T ta = pair_tanh<V>(scaled_difference<kPrescaled>(xi[a], xj[b], mj[b], k));
+      T tb;
+      if constexpr (kSign) {
+        tb = sign_or_zero(fma(yi[a], mj[b], -yj[b]));
+      } else if constexpr (V == Variant::kMixed) {
+        const T dt = scaled_difference<kPrescaled>(yi[a], yj[b], mj[b], k);
+        tb = a * kColSlots + b < kMixedPolyPairs ? tanh_poly(dt) : tanh_approx(dt);
+      } else {
+        tb = pair_tanh<V>(scaled_difference<kPrescaled>(yi[a], yj[b], mj[b], k));
+      }
+      if constexpr (kDiagonal) {
+        const bool counted = i_offset + kRowLanes * a < j_offset + b;
+        ta = counted ? ta : T(0);
+        tb = counted ? tb : T(0);
+      }
+      p[b] = ta * tb;
+      gs[b] = fma(-ta, p[b], tb);
+      col_s[b] = fma(-gs[b], mi[a], col_s[b]);
+      if constexpr (kGradT) {
+        gt[b] = fma(-tb, p[b], ta);
+        col_t[b] = fma(-gt[b], mi[a], col_t[b]);
+      }
+    }
+    // Pairwise sums: as many adds as one by one, and a quarter of the rounding steps on the long-lived accumulators.
+    row_s[a] += (gs[0] + gs[1]) + (gs[2] + gs[3]);
+    if constexpr (kGradT) row_t[a] += (gt[0] + gt[1]) + (gt[2] + gt[3]);
+    loss = fma((p[0] + p[1]) + (p[2] + p[3]), mi[a], loss);
+  }
+  static_assert(kColSlots == 4, "the pairwise sums above are written out for 4 column slots");
+}
+
+// ---- reductions -----------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float shuffle_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+__device__ __forceinline__ double shuffle_xor(double v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+
+// Adds the lane's 4 column sums, reduced over the 8 lanes that share tx, to part[j0 + b]. Reduce-scatter over the ty
+// bits (xor 4, 2, 1): afterwards lane ty holds the full sum of column slot b = 2 (ty>>2 & 1) + (ty>>1 & 1), and the
+// lanes with even ty write it (the odd ones hold the same value). Each element has one writer.
+template <typename T>
+__device__ __forceinline__ void flush_columns(const T (&col)[kColSlots], T* part, int j0, int ty, int channels) {
+  const bool upper = ty & 4;
+  T keep0 = upper ? col[2] : col[0];
+  T keep1 = upper ? col[3] : col[1];
+  const T send0 = upper ? col[0] : col[2];
+  const T send1 = upper ? col[1] : col[3];
+  keep0 += shuffle_xor(send0, 4);
+  keep1 += shuffle_xor(send1, 4);
+  const bool odd = ty & 2;
+  T sum = odd ? keep1 : keep0;
+  sum += shuffle_xor(odd ? keep0 : keep1, 2);
+  sum += shuffle_xor(sum, 1);
+  const int j = j0 + (upper ? 2 : 0) + (odd ? 1 : 0);
+  if ((ty & 1) == 0 && j < channels) part[j] += sum;
+}
+
+// Adds the row sums of a strip, reduced over the 4 lanes sharing ty (xor 8, 16) and then over the 4 warps in warp
+// order through shared memory, to part[I * kTile + t]. Called by the whole CTA; leaves shared memory free again.
+template <typename T>
+__device__ __forceinline__ void flush_rows(T (&row)[kRowSlots], T* part, int tile, int channels,
+                                           T (&scratch)[kWarps][kTile]) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int ty = lane % kRowLanes;
+#pragma unroll
+  for (int a = 0; a < kRowSlots; ++a) {
+    row[a] += shuffle_xor(row[a], 8);
+    row[a] += shuffle_xor(row[a], 16);
+  }
+  if (lane < kRowLanes) {
+#pragma unroll
+    for (int a = 0; a < kRowSlots; ++a) scratch[warp][ty + kRowLanes * a] = row[a];
+  }
+  __syncthreads();
+  if (threadIdx.x < kTile) {
+    const int t = threadIdx.x;
+    const T sum = ((scratch[0][t] + scratch[1][t]) + scratch[2][t]) + scratch[3][t];
+    const int i = tile * kTile + t;
+    if (i < channels) part[i] += sum;
+  }
+  __syncthreads();
+  static_assert(kWarps == 4, "the warp sum above is written out for 4 warps");
+}
+
+template <typename T>
+__device__ __forceinline__ void load4(const T* p, T (&v)[4]) {
+  if constexpr (std::is_same<T, float>::value) {
+    const float4 q = *reinterpret_cast<const float4*>(p);
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+  } else {
+    const double2 q0 = reinterpret_cast<const double2*>(p)[0];
+    const double2 q1 = reinterpret_cast<const double2*>(p)[1];
+    v[0] = q0.x, v[1] = q0.y, v[2] = q1.x, v[3] = q1.y;
+  }
+}
+
+template <typename T>
+struct PairShared {
+  T rows_s[kWarps][kTile];
+  T rows_t[kWarps][kTile];
+  double loss[kWarps];
+};
+
+// Tile pair (tile, other) of a strip: loads the lane's columns, evaluates its pairs, flushes the column sums.
+template <typename T, Variant V, bool kSign, bool kGradT, bool kDiagonal>
+__device__ __forceinline__ void run_tile_pair(const PairArgs<T>& args, const T* s_row, const T* t_row, T* part_s,
+                                              T* part_t, int other, const T (&xi)[kRowSlots], const T (&yi)[kRowSlots],
+                                              const T (&mi)[kRowSlots], T (&row_s)[kRowSlots],
+                                              T (&row_t)[kRowSlots], double& loss) {
+  const int lane = threadIdx.x & 31;
+  const int j0 = other * kTile + (threadIdx.x >> 5) * kWarpColumns + (lane / kRowLanes) * kColSlots;
+  T xj[kColSlots], yj[kColSlots], mj[kColSlots], col_s[kColSlots], col_t[kColSlots];
+  load4(s_row + j0, xj);
+  load4(t_row + j0, yj);
+#pragma unroll
+  for (int b = 0; b < kColSlots; ++b) {
+    mj[b] = j0 + b < args.channels ? T(1) : T(0);
+    col_s[b] = T(0);
+    col_t[b] = T(0);
+  }
+  T tile_loss = T(0);
+  tile_pair<T, V, kSign, kGradT, kDiagonal>(xi, yi, mi, xj, yj, mj, args.k, row_s, row_t, col_s, col_t, tile_loss);
+  loss += static_cast<double>(tile_loss);
+  flush_columns(col_s, part_s, j0, lane % kRowLanes, args.channels);
+  if constexpr (kGradT) flush_columns(col_t, part_t, j0, lane % kRowLanes, args.channels);
+}
+
+// Tile pairs [d0, d1) of strip `tile`: row slots stay in registers throughout, column sums are flushed per tile pair.
+template <typename T, Variant V, bool kSign, bool kGradT>
+__device__ __forceinline__ void run_strip(const PairArgs<T>& args, const T* s_row, const T* t_row, T* part_s,
+                                          T* part_t, int tile, int d0, int d1, double& loss, PairShared<T>& shared) {
+  const int ty = (threadIdx.x & 31) % kRowLanes;
+  T xi[kRowSlots], yi[kRowSlots], mi[kRowSlots], row_s[kRowSlots], row_t[kRowSlots];
+#pragma unroll
+  for (int a = 0; a < kRowSlots; ++a) {
+    const int i = tile * kTile + ty + kRowLanes * a;
+    xi[a] = s_row[i];
+    yi[a] = t_row[i];
+    mi[a] = i < args.channels ? T(1) : T(0);
+    row_s[a] = T(0);
+    row_t[a] = T(0);
+  }
+  if (d0 == 0) {
+    run_tile_pair<T, V, kSign, kGradT, true>(args, s_row, t_row, part_s, part_t, tile, xi, yi, mi, row_s, row_t, loss);
+  }
+  for (int d = d0 == 0 ? 1 : d0; d < d1; ++d) {
+    const int other = tile + d < args.tiles ? tile + d : tile + d - args.tiles;
+    run_tile_pair<T, V, kSign, kGradT, false>(args, s_row, t_row, part_s, part_t, other, xi, yi, mi, row_s, row_t,
+                                              loss);
+  }
+  // Every warp's column writes of this strip come before the row writes below (flush_rows starts with a barrier).
+  flush_rows(row_s, part_s, tile, args.channels, shared.rows_s);
+  if constexpr (kGradT) flush_rows(row_t, part_t, tile, args.channels, shared.rows_t);
+}
+
+// One CTA: zero its slice, run its range of tile pairs strip by strip, write its loss sum.
+template <typename T, Variant V, bool kSign, bool kGradT>
+__global__ void __launch_bounds__(kThreads) kendall_pairs_kernel(const PairArgs<T> args) {
+  __shared__ PairShared<T> shared;
+  const int64_t cta = blockIdx.x;
+  const int64_t row = cta / args.groups;
+  const int64_t group = cta - row * args.groups;
+  if (args.nonfinite[row]) return;  // the finalize kernel writes NaN over the whole row
+
+  const int channels = args.channels;
+  T* part_s = args.grad_s + cta * channels;
+  T* part_t = kGradT ? args.grad_t + cta * channels : nullptr;
+  for (int c = threadIdx.x; c < channels; c += kThreads) {
+    part_s[c] = T(0);
+    if constexpr (kGradT) part_t[c] = T(0);
+  }
+  __syncthreads();
+
+  const T* s_row = args.student + row * args.padded;
+  const T* t_row = args.teacher + row * args.padded;
+  const int64_t pairs = tile_pairs(args.tiles);
+  const int64_t end = (group + 1) * pairs / args.groups;
+  double loss = 0.0;
+  for (int64_t idx = group * pairs / args.groups; idx < end;) {
+    const Strip strip = strip_containing(idx, args.tiles);
+    const int d0 = static_cast<int>(idx - strip.first);
+    const int d1 = static_cast<int>(d0 + (end - idx) < strip.length ? d0 + (end - idx) : strip.length);
+    run_strip<T, V, kSign, kGradT>(args, s_row, t_row, part_s, part_t, static_cast<int>(strip.tile), d0, d1, loss,
+                                   shared);
+    idx = strip.first + d1;
+  }
+
+  for (int mask = 16; mask > 0; mask >>= 1) loss += shuffle_xor(loss, mask);
+  const int warp = threadIdx.x >> 5;
+  if ((threadIdx.x & 31) == 0) shared.loss[warp] = loss;
+  __syncthreads();
+  if (threadIdx.x == 0) args.loss_part[cta] = ((shared.loss[0] + shared.loss[1]) + shared.loss[2]) + shared.loss[3];
+}
+
+}  // namespace cuda
+}  // namespace rankkd
