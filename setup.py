@@ -11,7 +11,7 @@ from torch.utils import cpp_extension
 os.environ.setdefault("PIP_NO_BUILD_ISOLATION", "0")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "8.0;8.9;9.0"  # A100, L4/L40/RTX 4090, H100/H200
+DEFAULT_ARCHS = "8.0;8.9;9.0+PTX"  # A100, L4/L40/RTX 4090, H100/H200; PTX for newer GPUs
 
 
 def want_cuda():

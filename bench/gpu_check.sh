@@ -4,7 +4,8 @@
 # builds rankkd (CUDA kernels for this GPU), runs the GPU tests, bench/loss_bench.py (fp32 and bf16) and the trainer's
 # synthetic ResNet-34 -> ResNet-18 KD + ranking-loss throughput run, and writes the logs and result files into OUTDIR.
 # Each step has its own time limit; together they stay under 8 minutes on one H100. A failing step is reported and
-# the rest still run; the exit status says whether all passed.
+# the rest still run; the exit status says whether all passed. Everything printed goes to OUTDIR/gpu_check.log, beside
+# the result files (at most 8 files: what the device tool brings back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(mkdir -p "${1:-bench/results}" && cd "${1:-bench/results}" && pwd)
@@ -16,38 +17,45 @@ if [ -z "${CUDA_HOME:-}" ]; then  # the toolkit root that nvcc belongs to (the n
 fi
 failed=()
 
-step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a time limit, logging to OUTDIR/NAME.log
+step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a time limit; its output goes to OUTDIR/gpu_check.log
   local name=$1 limit=$2
   shift 2
-  echo "== $name (limit ${limit}s): $*"
+  echo "== $name (limit ${limit}s): $*" | tee -a "$log"
   local begin=$SECONDS
-  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  timeout "$limit" "$@" >> "$log" 2>&1
   local status=$?
-  tail -n 25 "$out/$name.log"
-  echo "== $name: exit $status after $((SECONDS - begin)) s"
+  echo "== $name: exit $status after $((SECONDS - begin)) s" | tee -a "$log"
   [ $status -eq 0 ] || failed+=("$name")
 }
 
+log=$out/gpu_check.log
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
   python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   echo "CUDA_HOME=${CUDA_HOME:-unset}"
-} > "$out/environment.log" 2>&1
-cat "$out/environment.log"
+} > "$log" 2>&1
+cat "$log"
 
-step build 120 env MAX_JOBS=8 python setup.py develop
-step tests 100 python -m pytest -q -x tests/test_kendall.py tests/test_triton.py tests/test_cuda.py tests/test_losses.py \
+step build 90 env MAX_JOBS=16 python setup.py develop
+step tests 150 python -m pytest -q -x tests/test_kendall.py tests/test_triton.py tests/test_cuda.py tests/test_losses.py \
   tests/test_distill.py
-step bench_fp32 70 python bench/loss_bench.py --device cuda --dtype float32 --json "$out/loss_cuda_float32.json"
-step bench_bf16 40 python bench/loss_bench.py --device cuda --dtype bfloat16 --shapes 512x1000,64x4096 \
-  --json "$out/loss_cuda_bfloat16.json"
+step bench_fp32 90 python bench/loss_bench.py --device cuda --dtype float32 --json "$out/loss_cuda_float32.json"
+step bench_bf16 30 python bench/loss_bench.py --device cuda --dtype bfloat16 --shapes 512x1000,64x4096 \
+  --backends cuda,triton --json "$out/loss_cuda_bfloat16.json"
+# The other kernel variants (chosen at import by environment variables), fp32, against the defaults above.
+step bench_mixed_exact 20 env RANKKD_CUDA_VARIANT=mixed RANKKD_TRITON_EXACT_TANH=1 python bench/loss_bench.py \
+  --device cuda --shapes 512x1000,64x4096 --backends cuda,triton --json "$out/loss_cuda_cuda-mixed_triton-exact.json"
+step bench_exact 20 env RANKKD_CUDA_VARIANT=exact python bench/loss_bench.py --device cuda --shapes 512x1000,64x4096 \
+  --backends cuda --json "$out/loss_cuda_cuda-exact.json"
+
 # Images/s of the whole training step (teacher, student, losses) without I/O; metrics.jsonl's train_img_s leaves the
 # first logging interval (compilation, warm-up) out. The run folder stays outside OUTDIR: its checkpoints are large.
 run_dir=$(mktemp -d)/synthetic-r34-r18
-step train_synthetic 130 python train/imagenet.py --data synthetic --teacher resnet34 --student resnet18 \
+step train_synthetic 80 python train/imagenet.py --data synthetic --teacher resnet34 --student resnet18 \
   --loss imagenet-kd-rank --batch-size 256 --precision bf16 --channels-last --compile --epochs 1 \
-  --steps-per-epoch 400 --log-every 100 --out "$run_dir"
+  --steps-per-epoch 300 --log-every 100 --out "$run_dir"
 cp "$run_dir/metrics.jsonl" "$out/train_synthetic_metrics.jsonl" 2>/dev/null
+tail -n 40 "$log"
 
 if [ ${#failed[@]} -gt 0 ]; then
   echo "FAILED: ${failed[*]}"

@@ -1,12 +1,15 @@
 """Speed and memory of every rankkd.kendall_rank_loss backend against the plain PyTorch reference.
 
     python bench/loss_bench.py [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--shapes 64x100,128x1000]
-                               [--topk K] [--repeats N] [--json PATH]
+                               [--topk K] [--repeats N] [--backends cuda,triton,...] [--json PATH]
 
 Times forward+backward (median over repeats) of each available backend, of rankkd.reference eagerly, and of
 torch.compile(rankkd.reference); reports the peak extra memory of each and its speedup over both baselines. On CUDA
 it also measures the chip's tanh throughput (tanh.approx.f32) in the same run and gives each time as a multiple of
 the floor: 2 tanh per unordered pair. Results (with device, versions and date) go to bench/results/.
+
+The kernel variants are chosen by environment variables read at import, so compare them run by run, e.g.
+RANKKD_CUDA_VARIANT=exact or RANKKD_TRITON_EXACT_TANH=1 with --backends cuda,triton; the report records them.
 """
 import argparse
 import datetime
@@ -150,6 +153,9 @@ def main():
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma-separated (default {DEFAULT_SHAPES})")
     parser.add_argument("--topk", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default: 20 CUDA, 5 CPU)")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated subset of the fused backends and reference, reference+compile "
+                             "(default: all available)")
     parser.add_argument("--json", type=Path, default=None, help="results file (default: bench/results/<auto>.json)")
     args = parser.parse_args()
 
@@ -172,6 +178,12 @@ def main():
                   for name in fused}
     candidates["reference"] = lambda s, t: reference.kendall_rank_loss(s, t, topk=args.topk)
     candidates["reference+compile"] = lambda s, t: compiled_reference(s, t, topk=args.topk)
+    if args.backends:
+        wanted = args.backends.split(",")
+        unknown = sorted(set(wanted) - set(candidates))
+        if unknown:
+            raise SystemExit(f"--backends: {unknown} not available here; choose from {sorted(candidates)}")
+        candidates = {name: fn for name, fn in candidates.items() if name in wanted}
 
     results = []
     header = f"{'shape':>12} {'backend':>18} {'ms':>10} {'peak MiB':>10} {'x eager':>8} {'x compile':>9} {'x floor':>8}"
@@ -216,6 +228,7 @@ def main():
         "dtype": args.dtype, "topk": args.topk, "repeats": repeats, "torch": torch.__version__,
         "cuda": torch.version.cuda, "triton": _version("triton"), "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(), "tanh_per_s": tanh_rate, "shapes": results,
+        "variants": {name: os.environ.get(name) for name in ("RANKKD_CUDA_VARIANT", "RANKKD_TRITON_EXACT_TANH")},
         "command": "python bench/loss_bench.py " + " ".join(os.sys.argv[1:]),
     }
     path = args.json or RESULTS_DIR / f"loss_{device.type}_{args.dtype}_{stamp:%Y%m%d}.json"

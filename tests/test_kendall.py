@@ -12,6 +12,13 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = [(device, backend) for device in DEVICES for backend in rankkd.available_backends(device)
          if backend != "reference"]
 FUSED = pytest.mark.parametrize("device,backend", CASES, ids=[f"{d}-{b}" for d, b in CASES])
+# Relative error allowed against float64 (DESIGN.md): exact-math paths 1e-5; on CUDA the default float32 paths use
+# the hardware's fast tanh (tanh.approx.f32), allowed 2e-3. Float64 inputs always take an exact path.
+EXACT_TOL, FAST_TOL = 1e-5, 2e-3
+
+
+def float32_tol(device):
+    return FAST_TOL if device == "cuda" else EXACT_TOL
 
 
 def rel_err(out, ref):
@@ -55,7 +62,7 @@ def check_against_reference(device, backend, student, teacher, tol, **kwargs):
 def test_float64_matches_reference(device, backend, num_classes, teacher_mode):
     rows = 3 if num_classes > 100 else 6
     student, teacher = logits(rows, num_classes, device=device), logits(rows, num_classes, device=device)
-    check_against_reference(device, backend, student, teacher, tol=1e-5, teacher_mode=teacher_mode, k=0.7,
+    check_against_reference(device, backend, student, teacher, tol=EXACT_TOL, teacher_mode=teacher_mode, k=0.7,
                             reduction="none")
 
 
@@ -64,7 +71,7 @@ def test_float64_matches_reference(device, backend, num_classes, teacher_mode):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_float32_matches_reference(device, backend, k, reduction):
     student, teacher = (logits(8, 100, device=device, dtype=torch.float32) for _ in range(2))
-    check_against_reference(device, backend, student, teacher, tol=1e-5, k=k, reduction=reduction)
+    check_against_reference(device, backend, student, teacher, tol=float32_tol(device), k=k, reduction=reduction)
 
 
 @FUSED
@@ -77,7 +84,7 @@ def test_half_inputs_compute_in_float32(device, backend, dtype):
     s64, t64 = student.double().requires_grad_(), teacher.double().requires_grad_()
     ref = reference.kendall_rank_loss(s64, t64, reduction="none")
     (ref * weight.double()).sum().backward()
-    assert rel_err(loss, ref) <= 1e-5  # the inputs are exact in float32, so only the output rounding remains
+    assert rel_err(loss, ref) <= float32_tol(device)  # the inputs are exact in float32: no input rounding
     assert rel_err(g_s, s64.grad) <= 1e-2 and rel_err(g_t, t64.grad) <= 1e-2  # rounded to the input dtype
 
 
@@ -86,8 +93,8 @@ def test_leading_dims_noncontiguous_and_topk(device, backend):
     base_s, base_t = logits(7, 4, 50, device=device), logits(7, 4, 50, device=device)
     student, teacher = base_s.transpose(0, 1)[:, ::2], base_t.transpose(0, 1)[:, ::2]  # (4, 4, 50), strided
     assert not student.is_contiguous()
-    check_against_reference(device, backend, student, teacher, tol=1e-5, reduction="none")
-    check_against_reference(device, backend, student, teacher, tol=1e-5, topk=9, reduction="mean")
+    check_against_reference(device, backend, student, teacher, tol=EXACT_TOL, reduction="none")
+    check_against_reference(device, backend, student, teacher, tol=EXACT_TOL, topk=9, reduction="mean")
 
 
 @FUSED
@@ -104,7 +111,7 @@ def test_topk_gradient_only_on_teacher_top_channels(device, backend):
 def test_saturated_and_near_zero_logits(device, backend, scale):
     student = logits(4, 200, scale=scale, device=device, dtype=torch.float32)
     teacher = logits(4, 200, scale=scale, device=device, dtype=torch.float32)
-    check_against_reference(device, backend, student, teacher, tol=1e-5, reduction="none")
+    check_against_reference(device, backend, student, teacher, tol=float32_tol(device), reduction="none")
 
 
 @FUSED
