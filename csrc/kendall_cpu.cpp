@@ -76,7 +76,8 @@ RANKKD_ALWAYS_INLINE double row_pairs(const T* __restrict__ s, const T* __restri
 template <typename T>
 RANKKD_ALWAYS_INLINE double row_pairs_any(const T* s, const T* t, int64_t n, T k, bool sign, T* gs, T* gt) {
   if (sign) {
-    return gs ? row_pairs<T, true, true, false>(s, t, n, k, gs, gt) : row_pairs<T, true, false, false>(s, t, n, k, gs, gt);
+    return gs ? row_pairs<T, true, true, false>(s, t, n, k, gs, gt)
+              : row_pairs<T, true, false, false>(s, t, n, k, gs, gt);
   }
   if (gs && gt) return row_pairs<T, false, true, true>(s, t, n, k, gs, gt);
   if (gs) return row_pairs<T, false, true, false>(s, t, n, k, gs, gt);
