@@ -114,6 +114,14 @@ def _read_status_kib_meminfo(field):
     raise RuntimeError(f"{field} not in /proc/meminfo")
 
 
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine() + " CPU"
+
+
 def measure_tanh_rate(device):
     """tanh.approx.f32 per second on this GPU, from a Triton kernel of independent tanh chains (None without Triton)."""
     try:
@@ -165,8 +173,8 @@ def main():
     dtype = getattr(torch, args.dtype)
     shapes = parse_shapes(args.shapes)
     repeats = args.repeats or (20 if device.type == "cuda" else 5)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"{cpu_model()}, {torch.get_num_threads()} threads")
 
     tanh_rate = measure_tanh_rate(device) if device.type == "cuda" else None
     if tanh_rate:
