@@ -20,7 +20,7 @@ import torch
 
 from rankkd.data.folder import SplitListing, find_undecodable
 from rankkd.data.normalization import IMAGENET_MEAN, IMAGENET_STD
-from rankkd.data.sharding import augmentation_seed, train_batches_per_rank, train_epoch_indices, val_shard_indices
+from rankkd.data.sharding import TrainShard, val_shard_indices
 
 _READER_NAME = "files"
 # Batches DALI works ahead of the consumer (the pipeline's prefetch_queue_depth); also the span of batches that may
@@ -136,7 +136,7 @@ def _run_pipeline(graph, graph_args: dict, files: list[str], labels: list[int], 
                            "pass; each of them decodes with PIL, so the cause is in the DALI error above") from error
 
 
-class DaliTrainLoader:
+class DaliTrainLoader(TrainShard):
     """One rank's training batches; call set_epoch(epoch) before iterating each epoch."""
 
     backend = "dali"
@@ -144,40 +144,21 @@ class DaliTrainLoader:
     def __init__(self, listing: SplitListing, *, batch_size: int, image_size: int, rank: int, world_size: int,
                  device: torch.device, decode_on_gpu: bool, seed: int, num_threads: int, channels_last: bool,
                  min_scale: float, hflip: bool):
+        super().__init__(len(listing), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
         self._listing = listing
-        self._batch_size = batch_size
-        self._rank = rank
-        self._world_size = world_size
         self._device = device
         self._decode_on_gpu = decode_on_gpu
-        self._seed = seed
         self._num_threads = num_threads
         self._channels_last = channels_last
         self._graph_args = {"image_size": image_size, "min_scale": min_scale, "hflip": hflip}
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch < 0:
-            raise ValueError(f"set_epoch: epoch must be >= 0, got {epoch}")
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return train_batches_per_rank(len(self._listing), self._batch_size, self._world_size)
-
-    @property
-    def num_samples(self) -> int:
-        """Images this rank reads per epoch."""
-        return len(self) * self._batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        indices = train_epoch_indices(len(self._listing), batch_size=self._batch_size, seed=self._seed,
-                                      epoch=self.epoch, rank=self._rank, world_size=self._world_size)
+        indices = self.epoch_indices()
         files = [self._listing.files[i] for i in indices]
         labels = [self._listing.labels[i] for i in indices]
         return _run_pipeline(_train_graph, self._graph_args, files, labels, batch_size=self._batch_size,
                              num_threads=self._num_threads, device=self._device, decode_on_gpu=self._decode_on_gpu,
-                             seed=augmentation_seed(self._seed, self.epoch, self._rank),
-                             channels_last=self._channels_last)
+                             seed=self.epoch_augmentation_seed(), channels_last=self._channels_last)
 
 
 class DaliValLoader:

@@ -33,3 +33,35 @@ def val_shard_indices(num_files: int, *, rank: int, world_size: int) -> np.ndarr
 def augmentation_seed(seed: int, epoch: int, rank: int) -> int:
     """A 31-bit seed for one rank's augmentation in one epoch (DALI pipeline seeds must fit in an int32)."""
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+class TrainShard:
+    """What every train loader shares: this rank's slice of each epoch's permutation, and the epoch counter."""
+
+    def __init__(self, num_files: int, *, batch_size: int, seed: int, rank: int, world_size: int):
+        self._num_files = num_files
+        self._batch_size = batch_size
+        self._seed = seed
+        self._rank = rank
+        self._world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch < 0:
+            raise ValueError(f"set_epoch: epoch must be >= 0, got {epoch}")
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return train_batches_per_rank(self._num_files, self._batch_size, self._world_size)
+
+    @property
+    def num_samples(self) -> int:
+        """Images this rank reads per epoch."""
+        return len(self) * self._batch_size
+
+    def epoch_indices(self) -> np.ndarray:
+        return train_epoch_indices(self._num_files, batch_size=self._batch_size, seed=self._seed, epoch=self.epoch,
+                                   rank=self._rank, world_size=self._world_size)
+
+    def epoch_augmentation_seed(self) -> int:
+        return augmentation_seed(self._seed, self.epoch, self._rank)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rankkd.data.folder import BadImageError, SplitListing
 from rankkd.data.normalization import IMAGENET_MEAN, IMAGENET_STD
-from rankkd.data.sharding import augmentation_seed, train_batches_per_rank, train_epoch_indices, val_shard_indices
+from rankkd.data.sharding import TrainShard, val_shard_indices
 
 
 class _ImageFiles(Dataset):
@@ -93,7 +93,7 @@ def _normalize_transforms():
     return [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
-class TorchvisionTrainLoader:
+class TorchvisionTrainLoader(TrainShard):
     """One rank's training batches; call set_epoch(epoch) before iterating each epoch."""
 
     backend = "torchvision"
@@ -107,36 +107,18 @@ class TorchvisionTrainLoader:
                                                 interpolation=transforms.InterpolationMode.BILINEAR, antialias=True)]
         if hflip:
             augment.append(transforms.RandomHorizontalFlip())
-        self._num_files = len(listing)
-        self._batch_size = batch_size
-        self._rank = rank
-        self._world_size = world_size
+        super().__init__(len(listing), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
         self._device = device
-        self._seed = seed
         self._channels_last = channels_last
         self._keys = _Keys([])
         self._batches = _make_loader(_ImageFiles(listing, transforms.Compose(augment + _normalize_transforms())),
                                      self._keys, batch_size=batch_size, num_workers=num_workers, device=device,
                                      channels_last=channels_last, drop_last=True)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch < 0:
-            raise ValueError(f"set_epoch: epoch must be >= 0, got {epoch}")
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return train_batches_per_rank(self._num_files, self._batch_size, self._world_size)
-
-    @property
-    def num_samples(self) -> int:
-        return len(self) * self._batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        indices = train_epoch_indices(self._num_files, batch_size=self._batch_size, seed=self._seed,
-                                      epoch=self.epoch, rank=self._rank, world_size=self._world_size)
-        sample_seeds = np.random.default_rng(augmentation_seed(self._seed, self.epoch, self._rank)).integers(
-            0, 2**63 - 1, size=len(indices))
+        indices = self.epoch_indices()
+        sample_seeds = np.random.default_rng(self.epoch_augmentation_seed()).integers(0, 2**63 - 1,
+                                                                                      size=len(indices))
         self._keys.keys = list(zip(indices.tolist(), sample_seeds.tolist()))
         return _to_device(self._batches, self._device, self._channels_last)
 
