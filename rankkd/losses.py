@@ -105,6 +105,14 @@ def standardize(logits):
     return _z_score(logits.to(torch.promote_types(logits.dtype, torch.float32)))
 
 
+def _tempered_log_probs(student, teacher, temperature, standardize):
+    """log softmax(logits / T) of both, upcast, z-scored first when standardize is set."""
+    s, t = _upcast(student, teacher)
+    if standardize:
+        s, t = _z_score(s), _z_score(t)
+    return F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1)
+
+
 def kd_loss(student, teacher, temperature=1.0, standardize=False):
     """Hinton et al.'s KD: KL(softmax(t/T) || softmax(s/T)) * T^2, mean over the batch.
 
@@ -112,11 +120,7 @@ def kd_loss(student, teacher, temperature=1.0, standardize=False):
     per-row shift and positive scale of either input."""
     _check_logits(student, teacher)
     _check_number("temperature", temperature)
-    s, t = _upcast(student, teacher)
-    if standardize:
-        s, t = _z_score(s), _z_score(t)
-    log_p_student = F.log_softmax(s / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(t / temperature, dim=-1)
+    log_p_student, log_p_teacher = _tempered_log_probs(student, teacher, temperature, standardize)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(-1)
     return kl.mean() * temperature**2
 
@@ -132,11 +136,7 @@ def dkd_parts(student, teacher, target, temperature=4.0, standardize=False):
     _check_logits(student, teacher)
     check_target(target, student)
     _check_number("temperature", temperature)
-    s, t = _upcast(student, teacher)
-    if standardize:
-        s, t = _z_score(s), _z_score(t)
-    log_p_student = F.log_softmax(s / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(t / temperature, dim=-1)
+    log_p_student, log_p_teacher = _tempered_log_probs(student, teacher, temperature, standardize)
     index = target.long().unsqueeze(-1)
     is_target = torch.zeros_like(log_p_student, dtype=torch.bool).scatter_(-1, index, True)
 
