@@ -4,6 +4,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+#include <limits>
+
 namespace rankkd {
 
 inline void check_kendall_args(const at::Tensor& student, const at::Tensor& teacher, double k, bool sign_teacher,
@@ -19,6 +22,8 @@ inline void check_kendall_args(const at::Tensor& student, const at::Tensor& teac
               " and teacher on ", teacher.device(), " must be on one device");
   TORCH_CHECK(student.size(1) >= 2, "rankkd::kendall_rank: need at least 2 classes, got C = ", student.size(1));
   TORCH_CHECK(k > 0 && std::isfinite(k), "rankkd::kendall_rank: k must be a finite number > 0, got ", k);
+  TORCH_CHECK(student.scalar_type() == at::kDouble || k <= std::numeric_limits<float>::max(),
+              "rankkd::kendall_rank: k = ", k, " overflows the float32 math of ", student.scalar_type(), " inputs");
   TORCH_CHECK(!(sign_teacher && grad_teacher),
               "rankkd::kendall_rank: teacher_mode 'sign' has no teacher gradient; pass grad_teacher=False");
 }

@@ -49,9 +49,10 @@ _SMALL_PROBLEM = 1 << 22
 @triton.jit
 def _tanh(x, FAST_TANH: tl.constexpr):
     if FAST_TANH:
-        # One MUFU.TANH instruction, float32 only.
-        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
+        # One MUFU.TANH instruction, float32 only. Pinned to exactly +-1 beyond |x| = 9.02 (where float32 tanh rounds
+        # to +-1): the PTX spec does not promise exact saturation, and 1 - tanh^2 of every saturated pair would add up.
+        y = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+        return tl.where(tl.abs(x) >= 9.02, tl.where(x < 0, -1.0, 1.0), y)
     elif x.dtype == tl.float64:
         # tanh|x| = (1 - e) / (1 + e) with e = exp(-2|x|) in (0, 1]: no overflow anywhere.
         e = tl.exp(-2.0 * tl.abs(x))
