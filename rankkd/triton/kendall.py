@@ -26,7 +26,8 @@ The exact path (tanh from the rational minimax fit of csrc/kendall.h, sech^2 fro
 for loss and gradients, saturated logits included, for about five times the instructions per pair (sm_90 SASS: ~64
 against ~12). It is the only path the interpreter can run (no inline assembly there), so it is chosen automatically
 under TRITON_INTERPRET=1. Force it on a GPU with RANKKD_TRITON_EXACT_TANH=1 in the environment before import, or by
-setting kendall.FAST_TANH = False at run time. Float64 logits are computed in float64 throughout, on the exact path."""
+setting kendall.FAST_TANH = False at run time (read when a call runs eagerly or is traced: code torch.compile already
+compiled keeps the path it was traced with). Float64 logits are computed in float64 throughout, on the exact path."""
 import contextlib
 import functools
 import os
@@ -40,7 +41,7 @@ from torch.library import custom_op, triton_op, wrap_triton
 from rankkd import _fused
 
 # Parts per row stay at or below this: bounds the partial-sum memory to MAX_PARTS * rows * C per gradient.
-MAX_PARTS = 16
+MAX_PARTS = 64
 # Problems with rows * C^2 at or below this run as one part per row: one launch beats spreading a few microseconds of
 # work.
 _SMALL_PROBLEM = 1 << 22
@@ -313,8 +314,9 @@ def _check_args(student, teacher, k, sign_teacher, grad_teacher):
         raise ValueError(f"{name}: student on {student.device} and teacher on {teacher.device} must be on one device")
     if student.shape[1] < 2:
         raise ValueError(f"{name}: need at least 2 classes, got C = {student.shape[1]}")
-    if not (k > 0 and k < float("inf")):
-        raise ValueError(f"{name}: k must be a finite number > 0, got {k}")
+    # k reaches the kernel as two float32 halves: beyond float32's range it would become NaN, below its normals 0.
+    if not 2.0**-126 <= k <= torch.finfo(torch.float32).max:
+        raise ValueError(f"{name}: k must be a number in [2^-126, 3.4e38] (float32's normal range), got {k}")
     if sign_teacher and grad_teacher:
         raise ValueError(f"{name}: teacher_mode 'sign' has no teacher gradient; pass grad_teacher=False")
 
@@ -366,7 +368,8 @@ def kendall_rank(student, teacher, k, sign_teacher, grad_student, grad_teacher, 
         if parts > 1:
             sum_kernel[(rows, triton.cdiv(n_cols, _SUM_BLOCK_C))](
                 loss_out, grad_s_out, grad_t_out, loss, grad_s, grad_t, n_cols, parts,
-                GRAD_S=grad_student, GRAD_T=grad_teacher, BLOCK_PARTS=MAX_PARTS, BLOCK_C=_SUM_BLOCK_C, num_warps=4)
+                GRAD_S=grad_student, GRAD_T=grad_teacher, BLOCK_PARTS=triton.next_power_of_2(parts),
+                BLOCK_C=_SUM_BLOCK_C, num_warps=4)
     return loss, grad_s, grad_t
 
 
