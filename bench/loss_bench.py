@@ -74,12 +74,13 @@ def median_ms(loss_fn, student, teacher, device, repeats):
     return statistics.median(times)
 
 
-def _read_status_kib(field):
-    with open("/proc/self/status") as status:
-        for line in status:
+def _read_kib(path, field):
+    """A "Field: N kB" line of /proc/self/status or /proc/meminfo."""
+    with open(path) as lines:
+        for line in lines:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    raise RuntimeError(f"{field} not in {path}")
 
 
 def peak_extra_mib(loss_fn, student, teacher, device):
@@ -94,24 +95,16 @@ def peak_extra_mib(loss_fn, student, teacher, device):
     # CPU: writing "5" to clear_refs resets the process's peak resident size (Linux >= 4.0).
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")
-    base = _read_status_kib("VmRSS")
+    base = _read_kib("/proc/self/status", "VmRSS")
     fwd_bwd(loss_fn, student, teacher)
-    return max(_read_status_kib("VmHWM") - base, 0) / 1024
+    return max(_read_kib("/proc/self/status", "VmHWM") - base, 0) / 1024
 
 
 def available_mib(device):
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free / 2**20
-    return _read_status_kib_meminfo("MemAvailable") / 1024
-
-
-def _read_status_kib_meminfo(field):
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/meminfo")
+    return _read_kib("/proc/meminfo", "MemAvailable") / 1024
 
 
 def cpu_model():
