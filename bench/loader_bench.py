@@ -29,8 +29,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rankkd.data import make_loaders  # noqa: E402
-from rankkd.data.dali import dali_available  # noqa: E402
+from rankkd.training.data import make_loaders  # noqa: E402
+from rankkd.training.data.dali import dali_available  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GENERATED_CLASSES = 8

@@ -6,7 +6,19 @@ import numbers
 import torch
 
 TEACHER_MODES = ("tanh", "sign")
+# "fast" lets a backend use hardware tanh approximations (CUDA, Triton on a GPU); "exact" asks for full float32 math.
+PRECISIONS = ("fast", "exact")
 REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_number(name, value, *, positive=True):
+    """The one rule for a numeric argument: a finite real number, > 0 (positive) or >= 0. Raises ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if not positive and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 
 def check_inputs(student, teacher, k, teacher_mode, topk, reduction):
@@ -24,8 +36,7 @@ def check_inputs(student, teacher, k, teacher_mode, topk, reduction):
     num_classes = student.shape[-1]
     if num_classes < 2:
         raise ValueError(f"the last dim holds the classes and needs C >= 2, got C = {num_classes}")
-    if isinstance(k, bool) or not isinstance(k, numbers.Real) or not math.isfinite(k) or k <= 0:
-        raise ValueError(f"k (the tanh steepness) must be a finite number > 0, got {k!r}")
+    check_number("k (the tanh steepness)", k)
     if teacher_mode not in TEACHER_MODES:
         raise ValueError(f"teacher_mode must be one of {TEACHER_MODES}, got {teacher_mode!r}")
     if topk is not None and (isinstance(topk, bool) or not isinstance(topk, numbers.Integral)

@@ -29,7 +29,6 @@ Recipes (RECIPES, get_recipe) carry the published weights. Where each number com
 mdistiller is github.com/megvii-research/mdistiller (the DKD authors' code, the baselines the ranking paper uses).
 """
 import dataclasses
-import math
 import numbers
 from dataclasses import dataclass
 
@@ -37,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankkd._args import TEACHER_MODES
+from rankkd._args import TEACHER_MODES, check_number
 from rankkd.losses import check_target, dist_loss, dkd_loss, kd_loss, kendall_rank_loss
 from rankkd.ops import BACKENDS
 
@@ -68,13 +67,9 @@ class DistillConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         for name in ("ce_weight", "kd_weight", "dkd_alpha", "dkd_beta", "warmup_epochs", "dist_beta", "dist_gamma",
                      "rank_weight"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            check_number(name, getattr(self, name), positive=False)
         for name in ("temperature", "rank_k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+            check_number(name, getattr(self, name))
         if not isinstance(self.standardize, bool):
             raise ValueError(f"standardize must be True or False, got {self.standardize!r}")
         if self.standardize and self.method not in ("kd", "dkd"):

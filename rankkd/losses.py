@@ -11,12 +11,11 @@ it, weighted, on top of any of these.
 Checks cost no host sync: shapes and dtypes are metadata, and the class-index range of `target` is checked only for
 CPU tensors outside torch.compile. On CUDA an out-of-range target trips the device-side assert of cross_entropy /
 gather instead of a Python error."""
-import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 
+from rankkd._args import check_number
 from rankkd.ops import kendall_rank_loss
 
 __all__ = ["dist_loss", "dkd_loss", "dkd_parts", "kd_loss", "kendall_rank_loss", "standardize"]
@@ -73,15 +72,6 @@ def check_target(target, logits, soft_ok=False):
             raise ValueError(f"target holds class indices in [{low}, {high}], outside [0, C) = [0, {num_classes})")
 
 
-def _check_number(name, value, positive=True):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    if not positive and value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-
-
 def _upcast(student, teacher):
     """Both logits in the accumulation dtype: float64 if either is float64, else float32."""
     dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
@@ -119,7 +109,7 @@ def kd_loss(student, teacher, temperature=1.0, standardize=False):
     standardize=True z-scores both logit vectors first (logit standardization), which makes the loss invariant to a
     per-row shift and positive scale of either input."""
     _check_logits(student, teacher)
-    _check_number("temperature", temperature)
+    check_number("temperature", temperature)
     log_p_student, log_p_teacher = _tempered_log_probs(student, teacher, temperature, standardize)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(-1)
     return kl.mean() * temperature**2
@@ -135,7 +125,7 @@ def dkd_parts(student, teacher, target, temperature=4.0, standardize=False):
     KL(p_teacher || p_student) = tckd + (1 - p_teacher[target]) * nckd."""
     _check_logits(student, teacher)
     check_target(target, student)
-    _check_number("temperature", temperature)
+    check_number("temperature", temperature)
     log_p_student, log_p_teacher = _tempered_log_probs(student, teacher, temperature, standardize)
     index = target.long().unsqueeze(-1)
     is_target = torch.zeros_like(log_p_student, dtype=torch.bool).scatter_(-1, index, True)
@@ -162,8 +152,8 @@ def dkd_loss(student, teacher, target, alpha=1.0, beta=8.0, temperature=4.0, sta
     target: (batch,) integer class indices. No warm-up factor is applied here: the reference recipes ramp the whole
     DKD term linearly over the first epochs, which the caller (or rankkd.distill) does.
     standardize=True z-scores both logit vectors first (logit standardization)."""
-    _check_number("alpha", alpha, positive=False)
-    _check_number("beta", beta, positive=False)
+    check_number("alpha", alpha, positive=False)
+    check_number("beta", beta, positive=False)
     tckd, nckd = dkd_parts(student, teacher, target, temperature, standardize)
     return (alpha * tckd + beta * nckd).mean() * temperature**2
 
@@ -184,9 +174,9 @@ def dist_loss(student, teacher, beta=1.0, gamma=1.0, temperature=1.0):
     The intra-class term correlates across the batch, so it depends on the whole (local) batch, and a batch of one
     gives intra = 1 with no gradient. Pearson uses the reference code's 1e-8 in the denominator."""
     _check_logits(student, teacher)
-    _check_number("beta", beta, positive=False)
-    _check_number("gamma", gamma, positive=False)
-    _check_number("temperature", temperature)
+    check_number("beta", beta, positive=False)
+    check_number("gamma", gamma, positive=False)
+    check_number("temperature", temperature)
     s, t = _upcast(student, teacher)
     p_student = F.softmax(s / temperature, dim=-1)
     p_teacher = F.softmax(t / temperature, dim=-1)

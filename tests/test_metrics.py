@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rankkd.metrics import kendall_tau, topk_correct
+from rankkd.training.metrics import kendall_tau, topk_correct
 
 
 def kendall_tau_b_loop(x, y):

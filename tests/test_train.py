@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from rankkd import models
-from rankkd.data import prepare_demo
+from rankkd.training.data import prepare_demo
 from rankkd.distill import DistillConfig, Distiller
-from rankkd.train_utils import learning_rate, save_checkpoint
+from rankkd.training.utils import learning_rate, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINER = REPO / "train" / "imagenet.py"

@@ -32,12 +32,12 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without installing rankkd
 
 from rankkd import models  # noqa: E402
-from rankkd.data import make_loaders, prepare_demo, synthetic_loader  # noqa: E402
-from rankkd.data.demo import default_cache_dir  # noqa: E402
+from rankkd.training.data import make_loaders, prepare_demo, synthetic_loader  # noqa: E402
+from rankkd.training.data.demo import default_cache_dir  # noqa: E402
 from rankkd.distill import METHODS, DistillConfig, Distiller, get_recipe  # noqa: E402
 from rankkd.distill import RECIPES as LOSS_RECIPES  # noqa: E402
-from rankkd.metrics import kendall_tau, topk_correct  # noqa: E402
-from rankkd.train_utils import (MetricsLog, Progress, all_reduce_sum, average_buffers, barrier,  # noqa: E402
+from rankkd.training.metrics import kendall_tau, topk_correct  # noqa: E402
+from rankkd.training.utils import (MetricsLog, Progress, all_reduce_sum, average_buffers, barrier,  # noqa: E402
                                 broadcast_object, cleanup_distributed, copy_atomically, format_duration,
                                 gather_rng_states, init_distributed, learning_rate, load_checkpoint, save_checkpoint,
                                 seed_everything, set_rng_state)

@@ -7,8 +7,9 @@ import difflib
 import importlib.util
 import os
 
+import functools
+
 import torch
-import torchvision
 from torch import nn
 
 HAS_TIMM = importlib.util.find_spec("timm") is not None
@@ -34,7 +35,16 @@ DEMO_ARCHS = {  # name: (widths, convs per stage); the large one teaches the sma
     "demo_cnn_large": ((16, 32, 64), 2),
     "demo_cnn_small": ((8, 16, 32), 1),
 }
-TORCHVISION_ARCHS = tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+@functools.cache
+def torchvision_archs():
+    """torchvision's classifier names; () without torchvision (an optional dependency, imported only here)."""
+    if importlib.util.find_spec("torchvision") is None:
+        return ()
+    import torchvision
+
+    return tuple(torchvision.models.list_models(module=torchvision.models))
 
 
 def _is_timm_arch(name):
@@ -47,9 +57,9 @@ def _is_timm_arch(name):
 
 def check_arch(name):
     """Raise a ValueError unless `name` is a known architecture."""
-    if name in DEMO_ARCHS or name in TORCHVISION_ARCHS or _is_timm_arch(name):
+    if name in DEMO_ARCHS or name in torchvision_archs() or _is_timm_arch(name):
         return
-    close = difflib.get_close_matches(name, list(DEMO_ARCHS) + list(TORCHVISION_ARCHS), n=4)
+    close = difflib.get_close_matches(name, list(DEMO_ARCHS) + list(torchvision_archs()), n=4)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     timm_note = "" if HAS_TIMM else " DeiT/ViT models from timm (deit_small_patch16_224, ...) need `pip install timm`."
     raise ValueError(f"unknown architecture {name!r}.{hint} Known: {', '.join(DEMO_ARCHS)}, and the torchvision "
@@ -62,7 +72,9 @@ def build_model(name, num_classes):
     if name in DEMO_ARCHS:
         widths, convs = DEMO_ARCHS[name]
         return DemoCNN(widths, convs, num_classes)
-    if name in TORCHVISION_ARCHS:
+    if name in torchvision_archs():
+        import torchvision
+
         return torchvision.models.get_model(name, num_classes=num_classes)
     import timm
 
@@ -110,6 +122,8 @@ def read_checkpoint_weights(path):
 
 def _torchvision_weights(name, weights_name):
     """The torchvision weights enum entry for `weights_name` ('DEFAULT', 'IMAGENET1K_V1' or 'ResNet34_Weights.X')."""
+    import torchvision
+
     try:
         available = torchvision.models.get_model_weights(name)
     except ValueError:
@@ -146,12 +160,14 @@ def load_teacher(name, weights, num_classes):
             model.load_state_dict(state_dict)
         except RuntimeError as error:
             raise ValueError(f"teacher checkpoint {weights!r} does not fit architecture {name!r}: {error}") from None
-    elif name in TORCHVISION_ARCHS:
+    elif name in torchvision_archs():
         entry = _torchvision_weights(name, weights)
         weight_classes = len(entry.meta["categories"])
         if weight_classes != num_classes:
             raise ValueError(f"torchvision weights {name}/{entry.name} have {weight_classes} classes but the data "
                              f"has {num_classes}")
+        import torchvision
+
         model = torchvision.models.get_model(name, weights=entry)
     elif _is_timm_arch(name) and weights == "pretrained":
         import timm

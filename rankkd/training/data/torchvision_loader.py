@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from rankkd.data.folder import BadImageError, SplitListing
-from rankkd.data.normalization import IMAGENET_MEAN, IMAGENET_STD
-from rankkd.data.sharding import TrainShard, val_shard_indices
+from rankkd.training.data.folder import BadImageError, SplitListing
+from rankkd.training.data.normalization import IMAGENET_MEAN, IMAGENET_STD
+from rankkd.training.data.sharding import TrainShard, val_shard_indices
 
 
 class _ImageFiles(Dataset):

@@ -20,9 +20,9 @@ from typing import Protocol
 
 import torch
 
-from rankkd.data.demo import DEMO_IMAGE_SIZE, DEMO_NUM_CLASSES, prepare_demo
-from rankkd.data.folder import BadImageError, ImageFolderError, list_image_folder
-from rankkd.data.synthetic import SyntheticLoader
+from rankkd.training.data.demo import DEMO_IMAGE_SIZE, DEMO_NUM_CLASSES, prepare_demo
+from rankkd.training.data.folder import BadImageError, ImageFolderError, list_image_folder
+from rankkd.training.data.synthetic import SyntheticLoader
 
 BACKENDS = ("auto", "dali", "torchvision")
 DECODE_DEVICES = ("auto", "cpu", "gpu")
@@ -76,7 +76,7 @@ def _resolve_device(device: torch.device | str) -> torch.device:
 
 
 def _resolve_backend(backend: str) -> str:
-    from rankkd.data.dali import dali_available
+    from rankkd.training.data.dali import dali_available
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -130,7 +130,7 @@ def make_loaders(root: str | os.PathLike, *, batch_size: int, image_size: int = 
               "device": device, "channels_last": channels_last}
 
     if backend == "dali":
-        from rankkd.data.dali import DaliTrainLoader, DaliValLoader
+        from rankkd.training.data.dali import DaliTrainLoader, DaliValLoader
 
         if decode_device == "gpu" and device.type != "cuda":
             raise ValueError(f"decode_device='gpu' needs a CUDA device, got device={device}")
@@ -140,7 +140,7 @@ def make_loaders(root: str | os.PathLike, *, batch_size: int, image_size: int = 
         val = DaliValLoader(listing.val, resize_shorter=resize_shorter, num_threads=num_threads,
                             decode_on_gpu=decode_on_gpu, **common)
     else:
-        from rankkd.data.torchvision_loader import TorchvisionTrainLoader, TorchvisionValLoader
+        from rankkd.training.data.torchvision_loader import TorchvisionTrainLoader, TorchvisionValLoader
 
         if decode_device == "gpu":
             raise ValueError("decode_device='gpu' needs backend='dali'; the torchvision fallback decodes on the CPU")
