@@ -12,6 +12,8 @@ import functools
 import torch
 from torch import nn
 
+from rankkd.models.mobilenet_v1 import mobilenet_v1
+
 HAS_TIMM = importlib.util.find_spec("timm") is not None
 
 
@@ -57,13 +59,14 @@ def _is_timm_arch(name):
 
 def check_arch(name):
     """Raise a ValueError unless `name` is a known architecture."""
-    if name in DEMO_ARCHS or name in torchvision_archs() or _is_timm_arch(name):
+    if name in DEMO_ARCHS or name == "mobilenet_v1" or name in torchvision_archs() or _is_timm_arch(name):
         return
-    close = difflib.get_close_matches(name, list(DEMO_ARCHS) + list(torchvision_archs()), n=4)
+    close = difflib.get_close_matches(name, list(DEMO_ARCHS) + ["mobilenet_v1"] + list(torchvision_archs()), n=4)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     timm_note = "" if HAS_TIMM else " DeiT/ViT models from timm (deit_small_patch16_224, ...) need `pip install timm`."
-    raise ValueError(f"unknown architecture {name!r}.{hint} Known: {', '.join(DEMO_ARCHS)}, and the torchvision "
-                     f"classifiers (resnet18, resnet34, resnet50, mobilenet_v2, ...).{timm_note}")
+    raise ValueError(f"unknown architecture {name!r}.{hint} Known: {', '.join(DEMO_ARCHS)}, mobilenet_v1 "
+                     "(mdistiller's ImageNet student), and the torchvision classifiers (resnet18, resnet34, resnet50, "
+                     f"mobilenet_v2, ...).{timm_note}")
 
 
 def build_model(name, num_classes):
@@ -72,6 +75,8 @@ def build_model(name, num_classes):
     if name in DEMO_ARCHS:
         widths, convs = DEMO_ARCHS[name]
         return DemoCNN(widths, convs, num_classes)
+    if name == "mobilenet_v1":
+        return mobilenet_v1(num_classes)
     if name in torchvision_archs():
         import torchvision
 
