@@ -11,8 +11,10 @@ import torch._dynamo.testing
 from torch import nn
 
 import rankkd
+import rankkd.distill
 from rankkd import losses
-from rankkd.distill import RECIPES, DistillConfig, Distiller, distill_losses, get_recipe
+from rankkd.distill import (CIFAR100_DKD_BETA, CIFAR100_PAIRS, RECIPES, DistillConfig, Distiller,
+                            cifar100_recipe, cifar100_recipe_name, distill_losses, get_recipe)
 
 
 def small_cnn(width, classes=10):
@@ -58,6 +60,22 @@ def test_terms_are_weighted_and_sum_to_total(method, rank_weight):
     assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("precision", ["fast", "exact"])
+def test_rank_precision_reaches_the_op(monkeypatch, precision):
+    seen = []
+
+    def recording_op(*args, **kwargs):
+        seen.append(kwargs["precision"])
+        return rankkd.kendall_rank_loss(*args, **kwargs)
+
+    monkeypatch.setattr(rankkd.distill, "kendall_rank_loss", recording_op)
+    student, teacher, target = batch()
+    terms = distill_losses(student, teacher, target, get_recipe("imagenet-kd-rank", rank_precision=precision))
+    assert seen == [precision]
+    expected = 0.5 * rankkd.kendall_rank_loss(student, teacher, precision=precision)
+    assert terms["rank"].item() == pytest.approx(expected.item(), rel=1e-12)
+
+
 def test_teacher_logits_are_detached():
     student, teacher, target = batch()
     teacher.requires_grad_(True)
@@ -67,7 +85,7 @@ def test_teacher_logits_are_detached():
 
 def test_dkd_warmup_ramps_linearly_and_accepts_a_tensor_epoch():
     student, teacher, target = batch()
-    config = get_recipe("cifar100-dkd")  # warm-up over 20 epochs
+    config = get_recipe("cifar100-dkd-res32x4_res8x4")  # β 8, warm-up over 20 epochs
     full = losses.dkd_loss(student, teacher, target, alpha=1.0, beta=8.0, temperature=4.0).item()
     for epoch, factor in ((0.0, 0.0), (5.0, 0.25), (19.0, 0.95), (20.0, 1.0), (60.0, 1.0)):
         for given in (epoch, torch.tensor(epoch)):
@@ -84,7 +102,7 @@ def test_soft_targets_feed_ce_except_for_dkd():
     log_p = torch.log_softmax(student.detach(), -1)
     assert terms["ce"].item() == pytest.approx(0.5 * -(soft * log_p).sum(-1).mean().item(), rel=1e-10)
     with pytest.raises(TypeError, match="target"):
-        distill_losses(student, teacher, soft, get_recipe("cifar100-dkd"))
+        distill_losses(student, teacher, soft, get_recipe("cifar100-dkd-res32x4_res8x4"))
 
 
 def test_bad_input_names_the_argument():
@@ -109,31 +127,112 @@ def test_bad_input_names_the_argument():
 
 def test_config_rejects_bad_values_by_name():
     for field, value in (("method", "mse"), ("temperature", 0.0), ("rank_weight", -1.0), ("ce_weight", math.nan),
-                         ("rank_teacher_mode", "soft"), ("rank_topk", 1), ("rank_backend", "gpu"), ("rank_k", 0)):
+                         ("rank_teacher_mode", "soft"), ("rank_topk", 1), ("rank_backend", "gpu"), ("rank_k", 0),
+                         ("rank_precision", "approx")):
         with pytest.raises(ValueError, match=field):
             DistillConfig(**{field: value})
     with pytest.raises(ValueError, match="standardize"):
         DistillConfig(method="dist", standardize=True)
 
 
-def test_recipes_hold_the_published_numbers():
-    def weights(name):
-        c = RECIPES[name]
-        return (c.method, c.ce_weight, c.kd_weight, c.temperature, c.dkd_alpha, c.dkd_beta, c.warmup_epochs)
+# Every base recipe, written from its source (see rankkd.distill's docstring); fields not listed keep the defaults.
+_DKD_CIFAR = dict(method="dkd", ce_weight=1.0, temperature=4.0, dkd_alpha=1.0, warmup_epochs=20.0)
+_DKD_CIFAR_LS = dict(method="dkd", ce_weight=1.0, temperature=2.0, standardize=True, dkd_alpha=9.0,
+                     warmup_epochs=20.0)
+PUBLISHED = {
+    # mdistiller configs/imagenet/{r34_r18,r50_mv1}/{kd,dkd}.yaml
+    "imagenet-kd": dict(method="kd", ce_weight=0.5, kd_weight=0.5, temperature=1.0),
+    "imagenet-dkd-r34-r18": dict(method="dkd", ce_weight=1.0, temperature=1.0, dkd_alpha=1.0, dkd_beta=0.5,
+                                 warmup_epochs=1.0),
+    "imagenet-dkd-r50-mv1": dict(method="dkd", ce_weight=1.0, temperature=1.0, dkd_alpha=1.0, dkd_beta=2.0,
+                                 warmup_epochs=1.0),
+    # DIST: CE 1 + 2 x DIST(beta 1, gamma 1, tau)
+    "imagenet-dist": dict(method="dist", ce_weight=1.0, kd_weight=2.0, temperature=1.0, dist_beta=1.0,
+                          dist_gamma=1.0),
+    "cifar100-dist": dict(method="dist", ce_weight=1.0, kd_weight=2.0, temperature=4.0, dist_beta=1.0,
+                          dist_gamma=1.0),
+    # logit standardization: ImageNet CE 1, T 2, KD 6 (log r34_r18_kd_ours_2_6); CIFAR CE 1, KD 9, T 2
+    "imagenet-kd-ls": dict(method="kd", ce_weight=1.0, kd_weight=6.0, temperature=2.0, standardize=True),
+    "imagenet-dkd-ls-r34-r18": dict(method="dkd", ce_weight=1.0, temperature=2.0, standardize=True, dkd_alpha=9.0,
+                                    dkd_beta=4.5, warmup_epochs=1.0),
+    "imagenet-dkd-ls-r50-mv1": dict(method="dkd", ce_weight=1.0, temperature=2.0, standardize=True, dkd_alpha=9.0,
+                                    dkd_beta=18.0, warmup_epochs=1.0),
+    "cifar100-kd-ls": dict(method="kd", ce_weight=1.0, kd_weight=9.0, temperature=2.0, standardize=True),
+    # mdistiller CFG.KD defaults
+    "cifar100-kd": dict(method="kd", ce_weight=0.1, kd_weight=0.9, temperature=4.0),
+    # mdistiller configs/cifar100/dkd/<pair>.yaml: DKD.BETA, 8.0 where the file sets none
+    "cifar100-dkd-res56_res20": dict(_DKD_CIFAR, dkd_beta=2.0),
+    "cifar100-dkd-res110_res32": dict(_DKD_CIFAR, dkd_beta=2.0),
+    "cifar100-dkd-res32x4_res8x4": dict(_DKD_CIFAR, dkd_beta=8.0),
+    "cifar100-dkd-wrn40_2_wrn_16_2": dict(_DKD_CIFAR, dkd_beta=6.0),
+    "cifar100-dkd-wrn40_2_wrn_40_1": dict(_DKD_CIFAR, dkd_beta=6.0),
+    "cifar100-dkd-vgg13_vgg8": dict(_DKD_CIFAR, dkd_beta=6.0),
+    "cifar100-dkd-res32x4_shuv1": dict(_DKD_CIFAR, dkd_beta=8.0),
+    "cifar100-dkd-res32x4_shuv2": dict(_DKD_CIFAR, dkd_beta=8.0),
+    "cifar100-dkd-wrn40_2_shuv1": dict(_DKD_CIFAR, dkd_beta=8.0),
+    "cifar100-dkd-vgg13_mv2": dict(_DKD_CIFAR, dkd_beta=6.0),
+    "cifar100-dkd-res50_mv2": dict(_DKD_CIFAR, dkd_beta=8.0),
+    # the same with α and β times 9 and T 2, standardized
+    "cifar100-dkd-ls-res56_res20": dict(_DKD_CIFAR_LS, dkd_beta=18.0),
+    "cifar100-dkd-ls-res110_res32": dict(_DKD_CIFAR_LS, dkd_beta=18.0),
+    "cifar100-dkd-ls-res32x4_res8x4": dict(_DKD_CIFAR_LS, dkd_beta=72.0),
+    "cifar100-dkd-ls-wrn40_2_wrn_16_2": dict(_DKD_CIFAR_LS, dkd_beta=54.0),
+    "cifar100-dkd-ls-wrn40_2_wrn_40_1": dict(_DKD_CIFAR_LS, dkd_beta=54.0),
+    "cifar100-dkd-ls-vgg13_vgg8": dict(_DKD_CIFAR_LS, dkd_beta=54.0),
+    "cifar100-dkd-ls-res32x4_shuv1": dict(_DKD_CIFAR_LS, dkd_beta=72.0),
+    "cifar100-dkd-ls-res32x4_shuv2": dict(_DKD_CIFAR_LS, dkd_beta=72.0),
+    "cifar100-dkd-ls-wrn40_2_shuv1": dict(_DKD_CIFAR_LS, dkd_beta=72.0),
+    "cifar100-dkd-ls-vgg13_mv2": dict(_DKD_CIFAR_LS, dkd_beta=54.0),
+    "cifar100-dkd-ls-res50_mv2": dict(_DKD_CIFAR_LS, dkd_beta=72.0),
+    # the ranking paper's DeiT setup
+    "deit-kd": dict(method="kd", ce_weight=1.0, kd_weight=1.0, temperature=1.0),
+}
 
-    assert weights("imagenet-kd")[:4] == ("kd", 0.5, 0.5, 1.0)
-    assert weights("imagenet-dkd-r34-r18") == ("dkd", 1.0, 1.0, 1.0, 1.0, 0.5, 1.0)
-    assert weights("imagenet-dkd-r50-mv1") == ("dkd", 1.0, 1.0, 1.0, 1.0, 2.0, 1.0)
-    assert weights("cifar100-kd")[:4] == ("kd", 0.1, 0.9, 4.0)
-    assert weights("cifar100-dkd") == ("dkd", 1.0, 1.0, 4.0, 1.0, 8.0, 20.0)
-    assert weights("deit-kd")[:3] == ("kd", 1.0, 1.0)
-    for name, config in RECIPES.items():
-        if name.endswith("-rank"):
-            base = RECIPES[name.removesuffix("-rank")]
-            gamma = 0.5 if name == "deit-kd-rank" else base.ce_weight  # γ = α unless the paper says otherwise
-            assert config == dataclasses.replace(base, rank_weight=gamma), name
-        else:
-            assert config.rank_weight == 0 and f"{name}-rank" in RECIPES
+
+def test_every_recipe_holds_its_sources_numbers():
+    base_names = {name for name in RECIPES if not name.endswith("-rank")}
+    assert base_names == set(PUBLISHED)
+    for name, fields in PUBLISHED.items():
+        assert RECIPES[name] == DistillConfig(**fields), name
+
+
+def test_rank_recipes_add_the_ranking_loss_at_gamma_equal_alpha():
+    assert len(RECIPES) == 2 * len(PUBLISHED)
+    for name, fields in PUBLISHED.items():
+        gamma = 0.5 if name == "deit-kd" else fields["ce_weight"]  # γ = α unless the paper says otherwise
+        assert RECIPES[f"{name}-rank"] == DistillConfig(**fields, rank_weight=gamma), name
+        assert RECIPES[name].rank_weight == 0, name
+
+
+def test_cifar100_dkd_beta_per_pair():
+    betas = {"res56_res20": 2.0, "res110_res32": 2.0, "res32x4_res8x4": 8.0, "wrn40_2_wrn_16_2": 6.0,
+             "wrn40_2_wrn_40_1": 6.0, "vgg13_vgg8": 6.0, "res32x4_shuv1": 8.0, "res32x4_shuv2": 8.0,
+             "wrn40_2_shuv1": 8.0, "vgg13_mv2": 6.0, "res50_mv2": 8.0}
+    assert CIFAR100_DKD_BETA == betas and set(CIFAR100_PAIRS) == set(betas)
+    for pair, beta in betas.items():
+        assert cifar100_recipe(pair, "dkd").dkd_beta == beta
+        assert cifar100_recipe(pair, "dkd", standardize=True).dkd_beta == 9 * beta
+
+
+def test_cifar100_recipe_picks_by_pair_method_and_flags():
+    assert cifar100_recipe_name("vgg13_vgg8", "dkd") == "cifar100-dkd-vgg13_vgg8"
+    assert cifar100_recipe_name("vgg13_vgg8", "dkd", standardize=True, rank=True) == "cifar100-dkd-ls-vgg13_vgg8-rank"
+    assert cifar100_recipe_name("res50_mv2", "kd", rank=True) == "cifar100-kd-rank"
+    assert cifar100_recipe_name("res50_mv2", "kd", standardize=True) == "cifar100-kd-ls"
+    assert cifar100_recipe_name("res56_res20", "dist") == "cifar100-dist"
+    for pair in CIFAR100_PAIRS:
+        for method in ("kd", "dkd", "dist"):
+            for rank in (False, True):
+                name = cifar100_recipe_name(pair, method, rank=rank)
+                assert cifar100_recipe(pair, method, rank=rank) == RECIPES[name]
+    config = cifar100_recipe("res32x4_res8x4", "kd", rank=True, rank_k=5.0)
+    assert (config.rank_k, config.rank_weight, RECIPES["cifar100-kd-rank"].rank_k) == (5.0, 0.1, 1.0)
+    with pytest.raises(ValueError, match="res32x4_res8x4"):  # the message lists the pairs
+        cifar100_recipe("resnet32x4_resnet8x4", "kd")
+    with pytest.raises(ValueError, match="method"):
+        cifar100_recipe("res32x4_res8x4", "crd")
+    with pytest.raises(ValueError, match="standardize"):
+        cifar100_recipe("res32x4_res8x4", "dist", standardize=True)
 
 
 def test_get_recipe_copies_overrides_and_explains_mistakes():
@@ -155,7 +254,7 @@ def test_teacher_stays_frozen_through_training_steps():
     torch.manual_seed(0)
     student, teacher = small_cnn(4), small_cnn(8)
     teacher_before = copy.deepcopy(teacher.state_dict())
-    distiller = Distiller(student, teacher, get_recipe("cifar100-dkd-rank")).train()
+    distiller = Distiller(student, teacher, get_recipe("cifar100-dkd-res32x4_res8x4-rank")).train()
     assert distiller.student.training and not distiller.teacher.training
     # Even an optimizer over everything, with weight decay, must leave the teacher alone.
     optimizer = torch.optim.SGD(distiller.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
@@ -220,7 +319,7 @@ def test_channels_last_and_bf16_autocast_match_float32():
 def test_compiled_training_step_has_no_graph_break_and_no_recompile_per_epoch():
     torch._dynamo.reset()
     torch.manual_seed(2)
-    distiller = Distiller(small_cnn(4), small_cnn(8), get_recipe("cifar100-dkd-rank")).train()
+    distiller = Distiller(small_cnn(4), small_cnn(8), get_recipe("cifar100-dkd-res32x4_res8x4-rank")).train()
     images, target = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
 
@@ -242,7 +341,7 @@ def test_distill_losses_compile_with_inductor():
     # The default backend generates its own kernels for the losses (the ranking op stays the fused one).
     torch._dynamo.reset()
     student, teacher, target = batch(dtype=torch.float32)
-    config = get_recipe("cifar100-dkd-rank", standardize=True)
+    config = get_recipe("cifar100-dkd-res32x4_res8x4-rank", standardize=True)
     compiled = torch.compile(lambda s, t, y, e: distill_losses(s, t, y, config, e)["total"], fullgraph=True)
     got = compiled(student, teacher, target, torch.tensor(3.0))
     (got_grad,) = torch.autograd.grad(got, student)
