@@ -107,21 +107,22 @@ def _strip_wrappers(state_dict):
 def read_checkpoint_weights(path):
     """The model state_dict in a checkpoint file: rankkd's own ({'student': ...}), a {'model': ...} or
     {'state_dict': ...} dict (timm, DeiT, most trainers), or a bare state_dict."""
+    from rankkd._torchfile import load_torch_file
+
     path = str(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} does not exist (or is not a file)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001  (torch.load raises many kinds; all mean the same to the user)
-        raise ValueError(f"cannot read checkpoint {path!r}: {type(error).__name__}: {error}") from error
+    checkpoint = load_torch_file(path, "checkpoint")
     if isinstance(checkpoint, dict):
         for key in ("student", "model", "state_dict"):
             if isinstance(checkpoint.get(key), dict):
                 checkpoint = checkpoint[key]
                 break
-    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise ValueError(f"checkpoint {path!r} holds no model weights (expected a state_dict, or a dict with one "
-                         "under 'student', 'model' or 'state_dict')")
+    is_state_dict = isinstance(checkpoint, dict) and checkpoint and all(isinstance(value, torch.Tensor)
+                                                                        for value in checkpoint.values())
+    if not is_state_dict:
+        held = (f"a dict of {', '.join(map(str, list(checkpoint)[:6]))}" if isinstance(checkpoint, dict) and checkpoint
+                else repr(checkpoint)[:40])
+        raise ValueError(f"checkpoint {path!r} holds no model weights but {held} (expected a state_dict, or a dict "
+                         "with one under 'student', 'model' or 'state_dict')")
     return _strip_wrappers(checkpoint)
 
 
@@ -171,9 +172,30 @@ def load_teacher(name, weights, num_classes):
         if weight_classes != num_classes:
             raise ValueError(f"torchvision weights {name}/{entry.name} have {weight_classes} classes but the data "
                              f"has {num_classes}")
+        import http.client
+        import urllib.error
+        import urllib.parse
+
         import torchvision
 
-        model = torchvision.models.get_model(name, weights=entry)
+        file_name = os.path.basename(urllib.parse.urlparse(entry.url).path)
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
+        had_copy = os.path.exists(cached)
+        try:
+            model = torchvision.models.get_model(name, weights=entry)
+        except Exception as error:  # noqa: BLE001  (sorted out below)
+            if had_copy:  # torch.hub reuses a file it downloaded before without checking it
+                raise ValueError(f"torchvision weights {entry}: the copy downloaded before, {cached}, can't be read "
+                                 f"({type(error).__name__}); delete it to download it again") from None
+            # torch.hub downloads into a temporary file, so a failed download leaves no partial copy behind; a bad
+            # hash (RuntimeError) is a transfer that went wrong.
+            if not isinstance(error, (OSError, http.client.HTTPException, RuntimeError)):
+                raise
+            cause = error.reason if type(error) is urllib.error.URLError else error
+            cause = str(cause).strip().split("\n")[0]
+            raise ValueError(f"cannot download torchvision weights {entry} from {entry.url}: {cause}. Download the "
+                             f"file where there is network access, then pass it with --teacher-weights "
+                             f"/path/to/{file_name} (or put it at {cached})") from None
     elif _is_timm_arch(name) and weights == "pretrained":
         import timm
 

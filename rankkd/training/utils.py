@@ -1,12 +1,16 @@
 """The plumbing of a training script, kept out of it so that train/imagenet.py reads top to bottom: distributed
-set-up, checkpoints that survive a kill, learning-rate schedules, metrics files and a rank-0 progress display."""
+set-up, run folders (writable, one run at a time), checkpoints that survive a kill and are checked when read,
+learning-rate schedules, metrics files and a rank-0 progress display."""
 import datetime
+import fcntl
 import importlib.util
 import json
 import math
 import os
 import random
+import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from rankkd._torchfile import load_torch_file
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Distributed: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (and the rendezvous address); plain `python` is one process.
@@ -86,6 +92,117 @@ def average_buffers(model):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Folders: proven writable before any work starts, and written by one run at a time.
+
+
+def _not_writable(what, folder, error):
+    """A ValueError naming `folder` (as `what`, say "--out") and why `error` (an OSError) stopped a write there."""
+    folder = Path(folder)
+    in_the_way = next((path for path in (folder, *folder.parents) if path.exists()), None)
+    if in_the_way is not None and not in_the_way.is_dir():
+        reason = f"{in_the_way} is a file, not a folder"
+    else:
+        reason = error.strerror or str(error)
+    return ValueError(f"{what} {folder} is not writable: {reason}")
+
+
+def check_writable(folder, what="folder"):
+    """Create `folder` (and its parents) when missing, and prove that files can be made in it by creating and
+    removing one; returns it as a Path. A ValueError "{what} {folder} is not writable: {reason}" otherwise, so that
+    a run finds out before it spends any time, not when it writes its first checkpoint."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as error:
+        raise _not_writable(what, folder, error) from None
+    return folder
+
+
+class FolderInUseError(ValueError):
+    """Another process holds the lock of the folder a run was going to write into."""
+
+
+class RunLock:
+    """An exclusive lock on a folder, for as long as one run writes into it: flock on FOLDER/.lock, which the kernel
+    drops when the holding process ends, however it ends, so a crash leaves no stale lock behind. The holder writes
+    its PID, host and start time into the lock file for others' messages.
+
+    Take it (`with RunLock(folder): ...`, or acquire()/release()) before writing anything into the folder; it creates
+    the folder when missing. When another process holds the lock, wait=False raises a FolderInUseError at once,
+    naming the folder and that process; wait=True (a cache that runs share) says once whom it waits for, then blocks
+    until that process is done. Within one process the lock nests: taking it again while held is a no-op (the demo
+    teacher is trained under its cache folder's lock by a run that locks the same folder). Forked children (loader
+    workers) share the lock and end with their parent. `what` names the folder in messages ("--out", "cache")."""
+
+    _held = {}  # lock file's real path -> [file descriptor, nesting depth], for this process
+    file_name = ".lock"
+
+    def __init__(self, folder, *, wait=False, what="folder"):
+        self.folder, self.wait, self.what = Path(folder), wait, what
+        self._key = None
+
+    def acquire(self):
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._key = os.path.realpath(self.folder / self.file_name)
+            if self._key in RunLock._held:
+                RunLock._held[self._key][1] += 1
+                return self
+            descriptor = os.open(self._key, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise _not_writable(self.what, self.folder, error) from None
+        try:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder()
+                if not self.wait:
+                    raise FolderInUseError(f"{self.what} {self.folder} is in use by {holder}: wait for that run to "
+                                           "finish, or use another folder") from None
+                print(f"{self.what} {self.folder} is in use by {holder}: waiting for it to finish", file=sys.stderr,
+                      flush=True)
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+            holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, (json.dumps(holder) + "\n").encode(), 0)
+        except BaseException:  # the refusal, an interrupted wait: the descriptor must not outlive them
+            os.close(descriptor)
+            raise
+        RunLock._held[self._key] = [descriptor, 1]
+        return self
+
+    def release(self):
+        held = RunLock._held[self._key]
+        held[1] -= 1
+        if held[1] == 0:
+            del RunLock._held[self._key]
+            os.ftruncate(held[0], 0)  # no claim left behind for the next process to misread as its holder's
+            os.close(held[0])  # closing the last descriptor drops the flock
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+    def _holder(self):
+        """The holder as "process PID on HOST (since TIME)". It writes that just after it takes the lock, so an
+        empty file is a holder about to write: read again for a moment before settling for "another process"."""
+        for _ in range(20):
+            try:
+                holder = json.loads(Path(self._key).read_text() or "null")
+            except (OSError, ValueError):
+                holder = None
+            if isinstance(holder, dict) and holder:
+                return f"process {holder['pid']} on {holder['host']} (since {holder['since']})"
+            time.sleep(0.05)
+        return "another process"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints: written atomically, holding everything needed to continue as if never stopped.
 
 
@@ -119,12 +236,26 @@ def copy_atomically(source, destination):
     _write_atomically(destination, lambda file: file.write(Path(source).read_bytes()))
 
 
-def load_checkpoint(path):
-    """A checkpoint written by save_checkpoint, read safely (weights_only); a ValueError says why it can't be."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001  (unreadable for any reason is one answer to the user)
-        raise ValueError(f"cannot read checkpoint {str(path)!r}: {type(error).__name__}: {error}") from error
+# What every checkpoint of the trainers in train/ holds (with "scaler", "best" and "last_record" beside them).
+CHECKPOINT_KEYS = ("student", "optimizer", "epoch", "config", "rng")
+
+
+def load_checkpoint(path, required_keys=CHECKPOINT_KEYS):
+    """A checkpoint written by save_checkpoint, read safely (tensors and plain values only). A one-line ValueError
+    names the file and says what is wrong: missing, empty, truncated, not a torch.save file, or not a checkpoint of
+    these trainers (not a dict holding `required_keys`)."""
+    state = load_torch_file(path, "checkpoint")
+    missing = [key for key in required_keys if key not in state] if isinstance(state, dict) else list(required_keys)
+    if missing:
+        if not isinstance(state, dict):
+            held = f"it holds a {type(state).__name__}; "
+        elif state and all(isinstance(value, torch.Tensor) for value in state.values()):
+            held = "it holds model weights only; "
+        else:
+            held = ""
+        raise ValueError(f"checkpoint {str(path)!r} is not a rankkd training checkpoint ({held}missing keys "
+                         f"{', '.join(missing)})")
+    return state
 
 
 def rng_state():

@@ -5,8 +5,11 @@ Both loaders read the same listing, so they see the same files with the same lab
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 # Extensions both DALI's decoders and PIL read. Other files in a class folder (READMEs, .txt) are ignored, like
 # torchvision's ImageFolder does; hidden entries (".ipynb_checkpoints", ".DS_Store") are ignored too.
@@ -99,18 +102,114 @@ def list_image_folder(root: str | os.PathLike) -> ImageFolderListing:
                               _list_split(val_dir, train_classes))
 
 
+def image_problem(path: str, *, full: bool = False) -> str | None:
+    """Why `path` can't be read as an image, in a few words; None when it can.
+
+    full=True decodes the image, as the loaders will. The fast check (full=False) decodes only the files that look
+    broken: it parses the header, checks a JPEG's last bytes for the end-of-image marker and every chunk of a PNG
+    (PIL's verify: checksums, and the end chunk a cut-off file lacks). That finds empty files, files that are no
+    image (text named .JPEG) and cut-off files at a fraction of a decode's cost, but not damage inside a complete
+    JPEG. Formats other than JPEG and PNG are rare, and always decoded.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as image:
+            decode = full or not _looks_complete(image, path)
+        if decode:  # verify() leaves an image unusable: decode from a fresh open
+            with Image.open(path) as image:
+                image.load()
+    except UnidentifiedImageError:
+        return "not an image (no image format recognises its contents)"
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, struct.error, ...)
+        message = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        if "truncated" in message.lower():
+            return f"truncated: the file ends before its image data does ({message})"
+        return message or type(error).__name__
+    return None
+
+
+def _looks_complete(image, path: str) -> bool:
+    if image.format == "JPEG":  # the end-of-image marker (FF D9) among the last bytes (some writers pad after it)
+        with open(path, "rb") as file:
+            file.seek(max(0, os.path.getsize(path) - 1024))
+            return b"\xff\xd9" in file.read()
+    if image.format == "PNG":
+        try:
+            image.verify()
+        except Exception:  # noqa: BLE001  (the decode that follows says what is wrong)
+            return False
+        return True
+    return False
+
+
+class UnreadableImage(NamedTuple):
+    path: str
+    reason: str
+
+
+def default_check_workers() -> int:
+    """Threads for find_unreadable_images: reading headers waits on storage more than on the CPU."""
+    return min(32, 4 * (os.cpu_count() or 1))
+
+
+def find_unreadable_images(paths: list[str], *, full: bool = False, workers: int | None = None,
+                           progress: Callable[[int, int], None] | None = None) -> list[UnreadableImage]:
+    """Every file of `paths` that image_problem finds unreadable, with the reason, in the order of `paths`.
+
+    Checked by `workers` threads (default: default_check_workers()); PIL and file reads release the GIL.
+    `progress(done, bad)` is called from this thread after each batch of files.
+    """
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    workers = workers or default_check_workers()
+    # Batches of files rather than one task per file: ImageNet's 1.3 million would be as many futures in memory.
+    size = max(1, min(256, len(paths) // (4 * workers)))
+    batches = [range(start, min(start + size, len(paths))) for start in range(0, len(paths), size)]
+
+    def check(batch: range) -> list[tuple[int, str]]:
+        found = ((index, image_problem(paths[index], full=full)) for index in batch)
+        return [(index, problem) for index, problem in found if problem is not None]
+
+    unreadable: list[tuple[int, str]] = []
+    done = 0
+    with ThreadPoolExecutor(workers) as pool:
+        for batch, found in zip(batches, pool.map(check, batches)):
+            unreadable += found
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(unreadable))
+    return [UnreadableImage(paths[index], problem) for index, problem in sorted(unreadable)]
+
+
+# The loaders read only files with an image extension, so a rename takes a file out of the data set.
+EXCLUDE_HINT = ("To exclude a file, rename it (mv FILE FILE.unreadable: the loaders skip names without an image "
+                "extension) or move it out of the tree")
+
+
+def check_images(paths: list[str], *, what: str, workers: int | None = None) -> None:
+    """Raise a BadImageError naming the unreadable files among `paths` (image_problem's fast check) and how to
+    exclude them, unless all are readable. `what` names the files in the message ("the validation set")."""
+    unreadable = find_unreadable_images(paths, workers=workers)
+    if not unreadable:
+        return
+    shown = "; ".join(f"{image.path} ({image.reason})" for image in unreadable[:3])
+    more = f"; and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
+    scan = f"python -m rankkd.training.data.scan {os.path.commonpath([os.path.dirname(path) for path in paths])}"
+    raise BadImageError(f"{len(unreadable)} unreadable image file(s) in {what}: {shown}{more}. {EXCLUDE_HINT}; "
+                        f"`{scan}` lists every unreadable image", path=unreadable[0].path)
+
+
 def find_undecodable(paths: list[str]) -> BadImageError | None:
     """The first of `paths` that PIL cannot fully decode, as an error naming it; None when all decode.
 
     DALI reports a decoding failure without the file's name, so the loaders re-decode the batches that were in
     flight with PIL to name the culprit.
     """
-    from PIL import Image
-
     for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.load()
-        except Exception as error:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
-            return BadImageError.for_file(path, error)
+        problem = image_problem(path, full=True)
+        if problem is not None:
+            return BadImageError(f"cannot decode image file {path}: {problem}", path=path)
     return None
