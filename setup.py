@@ -47,7 +47,7 @@ def extension():
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     return cpp_extension.CUDAExtension(
         "rankkd._C", sources + sorted(glob.glob(os.path.join("csrc", "*.cu"))),
-        extra_compile_args={"cxx": cxx_flags + ["-DRANKKD_WITH_CUDA"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=["-fopenmp"])
 
 

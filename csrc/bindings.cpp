@@ -6,8 +6,9 @@
 TORCH_LIBRARY(rankkd, m) {
   // Per row of (rows, C) logits: the loss (rows,), and, when asked, dloss/dstudent and dloss/dteacher (rows, C) in
   // the accumulation dtype (float32, or float64 for float64 inputs); a gradient not asked for comes back empty (0,).
+  // teacher_mode is "tanh" or "sign", precision "fast" or "exact" (kendall.h), as in rankkd.kendall_rank_loss.
   m.def(
-      "kendall_rank(Tensor student, Tensor teacher, float k, bool sign_teacher, bool grad_student, "
+      "kendall_rank(Tensor student, Tensor teacher, float k, str teacher_mode, str precision, bool grad_student, "
       "bool grad_teacher) -> (Tensor, Tensor, Tensor)");
 }
 

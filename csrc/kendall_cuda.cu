@@ -2,21 +2,19 @@
 //
 // Three launches on the current stream:
 //   1. prepare   one CTA per row: converts the logits to the math type (float, or double for float64), zero-pads each
-//                row to whole tiles, multiplies by k when the variant works on prescaled logits, and flags rows that
-//                hold a non-finite logit (no host sync: the flag travels on the device).
-//   2. pairs     `groups` CTAs per row (kendall_pairs.cuh): each sums its share of the pairs into its own slice.
-//   3. finalize  sums the slices in group order, scales, writes NaN over flagged rows.
+//                row to whole tiles, multiplies by k for Precision::kFast (prescaled logits), and flags rows that hold
+//                a non-finite logit (no host sync: the flag travels on the device).
+//   2. pairs     `parts` CTAs per row (kendall_pairs.cuh): each sums its share of the pairs into its own slice.
+//   3. finalize  sums the slices in part order, scales, writes NaN over flagged rows.
 // When a row gets one CTA and its student gradient is wanted, the slice is the output itself and finalize scales it in
 // place.
 //
-// Variants for float32, bfloat16 and float16 inputs (float64 always takes the exact double path), chosen once per
-// process by RANKKD_CUDA_VARIANT; bench/NOTES.md has their instruction counts and expected speed and accuracy:
-//   approx (default)  both tanh of a pair on MUFU.TANH (tanh.approx.f32): bound by the MUFU, i.e. at the 2-tanh floor
-//                     in the inner loop. Gradient error against float64 set by MUFU.TANH's (about 1e-5 relative per
-//                     tanh as measured by others; DESIGN.md allows 2e-3 for this class).
-//   mixed             approx with 6 of every 32 teacher tanh on the FMA pipe (tanh_poly): about 9% under the floor
-//                     where the MUFU binds (tanh teacher, student gradient only; elsewhere it runs approx).
-//   exact             CUDA's tanhf (2 ulp): 1e-5 relative norm error or better; about 2.6x the floor.
+// precision (the op's argument) for float32, bfloat16 and float16 inputs; float64 always takes the exact double path.
+// bench/NOTES.md has their instruction counts and expected speed and accuracy:
+//   fast   both tanh of a pair on MUFU.TANH (tanh.approx.f32): bound by the MUFU, i.e. at the 2-tanh floor in the
+//          inner loop. Gradient error against float64 set by MUFU.TANH's (about 1e-5 relative per tanh as measured by
+//          others; docs/design.md allows 2e-3 for this class).
+//   exact  CUDA's tanhf (2 ulp): 1e-5 relative norm error or better; about 2.6x the floor.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -25,8 +23,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <tuple>
 
@@ -39,94 +35,86 @@ namespace rankkd {
 namespace cuda {
 namespace {
 
-Variant configured_variant() {
-  // Read once: a process runs one variant, and a kernel launch never pays for getenv.
-  static const Variant variant = [] {
-    const char* name = std::getenv("RANKKD_CUDA_VARIANT");
-    if (name == nullptr || *name == '\0' || std::strcmp(name, "approx") == 0) return Variant::kApprox;
-    if (std::strcmp(name, "mixed") == 0) return Variant::kMixed;
-    if (std::strcmp(name, "exact") == 0) return Variant::kExact;
-    TORCH_CHECK(false, "RANKKD_CUDA_VARIANT must be one of approx (default), mixed, exact; got '", name, "'");
-  }();
-  return variant;
-}
-
 int64_t multiprocessor_count(int device) {
   int count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
   return count;
 }
 
-// CTAs per row. More CTAs per row cost a (rows * groups, C) partial buffer and its reduction, so take the fewest that
+// CTAs per row. More CTAs per row cost a (rows * parts, C) partial buffer and its reduction, so take the fewest that
 // give every SM at least kMinCtasPerSm CTAs (a few warps per scheduler to keep MUFU fed) with the busiest SM at most
 // ~10% above the mean (CTAs of a launch all do the same work). A budget caps the partial buffer.
-int64_t groups_per_row(int64_t rows, int64_t pairs_per_row, int64_t bytes_per_slice, int64_t sms) {
+int64_t parts_per_row(int64_t rows, int64_t pairs_per_row, int64_t bytes_per_slice, int64_t sms) {
   constexpr int64_t kMinCtasPerSm = 3;
   constexpr int64_t kPartialBudgetBytes = int64_t{256} << 20;
-  int64_t groups = std::max<int64_t>(1, (kMinCtasPerSm * sms + rows - 1) / rows);
-  for (int64_t tries = 0; tries < 64; ++tries, ++groups) {
-    const int64_t ctas = rows * groups;
+  int64_t parts = std::max<int64_t>(1, (kMinCtasPerSm * sms + rows - 1) / rows);
+  for (int64_t tries = 0; tries < 64; ++tries, ++parts) {
+    const int64_t ctas = rows * parts;
     const int64_t busiest = (ctas + sms - 1) / sms;
     if (10 * ctas >= 9 * busiest * sms) break;
   }
-  groups = std::min(groups, pairs_per_row);
+  parts = std::min(parts, pairs_per_row);
   const int64_t affordable = std::max<int64_t>(1, kPartialBudgetBytes / std::max<int64_t>(1, rows * bytes_per_slice));
-  groups = std::min(groups, affordable);
+  parts = std::min(parts, affordable);
   const int64_t max_ctas = std::numeric_limits<int32_t>::max();
-  return std::max<int64_t>(1, std::min(groups, max_ctas / rows));
+  return std::max<int64_t>(1, std::min(parts, max_ctas / rows));
 }
 
 template <typename T>
 using PairKernel = void (*)(PairArgs<T>);
 
-template <typename T, Variant V>
-PairKernel<T> pick_mode(bool sign_teacher, bool grad_teacher) {
-  if (sign_teacher) return kendall_pairs_kernel<T, V, true, false>;
-  if (grad_teacher) return kendall_pairs_kernel<T, V, false, true>;
-  return kendall_pairs_kernel<T, V, false, false>;
+template <typename T, Precision P>
+PairKernel<T> pick_for_teacher_mode(TeacherMode teacher_mode, bool grad_teacher) {
+  if (teacher_mode == TeacherMode::kSign) return kendall_pairs_kernel<T, P, TeacherMode::kSign, false>;
+  if (grad_teacher) return kendall_pairs_kernel<T, P, TeacherMode::kTanh, true>;
+  return kendall_pairs_kernel<T, P, TeacherMode::kTanh, false>;
 }
 
-PairKernel<float> pick_pair_kernel(float, Variant variant, bool sign_teacher, bool grad_teacher) {
-  if (variant == Variant::kExact) return pick_mode<float, Variant::kExact>(sign_teacher, grad_teacher);
-  // mixed only pays where MUFU binds: tanh teacher, student gradient only (see kMixedPolyPairs).
-  if (variant == Variant::kMixed && !sign_teacher && !grad_teacher) {
-    return kendall_pairs_kernel<float, Variant::kMixed, false, false>;
+// The precision the math of T runs at: float64 has only the exact path.
+template <typename T>
+Precision math_precision(Precision requested) {
+  return std::is_same<T, double>::value ? Precision::kExact : requested;
+}
+
+template <typename T>
+PairKernel<T> pick_pair_kernel(Precision precision, TeacherMode teacher_mode, bool grad_teacher) {
+  if constexpr (std::is_same<T, double>::value) {
+    return pick_for_teacher_mode<T, Precision::kExact>(teacher_mode, grad_teacher);
+  } else if (precision == Precision::kFast) {
+    return pick_for_teacher_mode<T, Precision::kFast>(teacher_mode, grad_teacher);
+  } else {
+    return pick_for_teacher_mode<T, Precision::kExact>(teacher_mode, grad_teacher);
   }
-  return pick_mode<float, Variant::kApprox>(sign_teacher, grad_teacher);
-}
-
-PairKernel<double> pick_pair_kernel(double, Variant, bool sign_teacher, bool grad_teacher) {
-  return pick_mode<double, Variant::kExact>(sign_teacher, grad_teacher);
 }
 
 template <typename scalar_t, typename T>
-void launch(const at::Tensor& s, const at::Tensor& t, T k, bool sign_teacher, bool grad_student, bool grad_teacher,
-            at::Tensor& loss, at::Tensor& grad_s, at::Tensor& grad_t) {
+void launch(const at::Tensor& s, const at::Tensor& t, T k, KendallChoices choices, bool grad_student,
+            bool grad_teacher, at::Tensor& loss, at::Tensor& grad_s, at::Tensor& grad_t) {
   const int64_t rows = s.size(0);
-  const int64_t channels = s.size(1);
-  const int64_t tiles = (channels + kTile - 1) / kTile;
+  const int64_t num_classes = s.size(1);
+  const int64_t tiles = (num_classes + kTile - 1) / kTile;
   const int64_t padded = tiles * kTile;
   const auto opts = s.options().dtype(c10::CppTypeToScalarType<T>::value);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const Variant variant = std::is_same<T, double>::value ? Variant::kExact : configured_variant();
-  const bool prescaled = variant != Variant::kExact;
+  const Precision precision = math_precision<T>(choices.precision);
 
   at::Tensor prepared_s = at::empty({rows, padded}, opts);
   at::Tensor prepared_t = at::empty({rows, padded}, opts);
   at::Tensor nonfinite = at::empty({rows}, opts.dtype(at::kInt));
   kendall_prepare_kernel<scalar_t, T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-      s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), channels, padded, k, prescaled,
+      s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), num_classes, padded, k,
+      precision == Precision::kFast ? kPrescaledLogits<Precision::kFast> : kPrescaledLogits<Precision::kExact>,
       prepared_s.mutable_data_ptr<T>(), prepared_t.mutable_data_ptr<T>(), nonfinite.mutable_data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // The student sums are always formed (they cost no MUFU time); without grad_student they land in scratch.
   const int64_t sms = multiprocessor_count(s.get_device());
-  const int64_t slice_bytes = channels * static_cast<int64_t>(sizeof(T)) * (grad_teacher ? 2 : 1);
-  const int64_t groups = groups_per_row(rows, tile_pairs(tiles), slice_bytes, sms);
-  const bool in_place = groups == 1;
-  at::Tensor part_s = in_place && grad_student ? grad_s : at::empty({rows * groups, channels}, opts);
-  at::Tensor part_t = !grad_teacher ? at::Tensor() : in_place ? grad_t : at::empty({rows * groups, channels}, opts);
-  at::Tensor loss_part = at::empty({rows * groups}, opts.dtype(at::kDouble));
+  const int64_t slice_bytes = num_classes * static_cast<int64_t>(sizeof(T)) * (grad_teacher ? 2 : 1);
+  const int64_t parts = parts_per_row(rows, tile_pairs(tiles), slice_bytes, sms);
+  const bool in_place = parts == 1;
+  at::Tensor part_s = in_place && grad_student ? grad_s : at::empty({rows * parts, num_classes}, opts);
+  at::Tensor part_t = !grad_teacher ? at::Tensor() : in_place ? grad_t : at::empty({rows * parts, num_classes}, opts);
+  at::Tensor loss_part = at::empty({rows * parts}, opts.dtype(at::kDouble));
 
   PairArgs<T> pair_args{prepared_s.const_data_ptr<T>(),
                         prepared_t.const_data_ptr<T>(),
@@ -134,16 +122,16 @@ void launch(const at::Tensor& s, const at::Tensor& t, T k, bool sign_teacher, bo
                         part_s.mutable_data_ptr<T>(),
                         grad_teacher ? part_t.mutable_data_ptr<T>() : nullptr,
                         loss_part.mutable_data_ptr<double>(),
-                        static_cast<int>(channels),
+                        static_cast<int>(num_classes),
                         static_cast<int>(padded),
                         static_cast<int>(tiles),
-                        groups,
+                        parts,
                         k};
-  const PairKernel<T> pair_kernel = pick_pair_kernel(T(), variant, sign_teacher, grad_teacher);
-  pair_kernel<<<static_cast<unsigned>(rows * groups), kThreads, 0, stream>>>(pair_args);
+  const PairKernel<T> pair_kernel = pick_pair_kernel<T>(precision, choices.teacher_mode, grad_teacher);
+  pair_kernel<<<static_cast<unsigned>(rows * parts), kThreads, 0, stream>>>(pair_args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  const double pair_scale_value = pair_scale(channels);
+  const double pair_scale_value = pair_scale(num_classes);
   FinalizeArgs<T> finalize_args{part_s.const_data_ptr<T>(),
                                 grad_teacher ? part_t.const_data_ptr<T>() : nullptr,
                                 loss_part.const_data_ptr<double>(),
@@ -152,40 +140,40 @@ void launch(const at::Tensor& s, const at::Tensor& t, T k, bool sign_teacher, bo
                                 grad_teacher ? grad_t.mutable_data_ptr<T>() : nullptr,
                                 loss.mutable_data_ptr<T>(),
                                 rows,
-                                channels,
-                                groups,
+                                num_classes,
+                                parts,
                                 static_cast<T>(-pair_scale_value * static_cast<double>(k)),
                                 pair_scale_value};
   constexpr int kFinalizeThreads = 256;
-  const int64_t blocks = std::min<int64_t>((rows * channels + kFinalizeThreads - 1) / kFinalizeThreads, 32 * sms);
+  const int64_t blocks = std::min<int64_t>((rows * num_classes + kFinalizeThreads - 1) / kFinalizeThreads, 32 * sms);
   kendall_finalize_kernel<T><<<static_cast<unsigned>(blocks), kFinalizeThreads, 0, stream>>>(finalize_args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kendall_rank_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                                                 double k, bool sign_teacher, bool grad_student,
+                                                                 double k, c10::string_view teacher_mode,
+                                                                 c10::string_view precision, bool grad_student,
                                                                  bool grad_teacher) {
-  check_kendall_args(student, teacher, k, sign_teacher, grad_teacher);
+  const KendallChoices choices = check_kendall_args(student, teacher, k, teacher_mode, precision, grad_teacher);
   TORCH_CHECK(student.is_cuda(), "rankkd::kendall_rank (CUDA): logits must be CUDA tensors, got ", student.device());
   const c10::cuda::CUDAGuard device_guard(student.device());
   const at::Tensor s = student.contiguous();
   const at::Tensor t = teacher.contiguous();
   const int64_t rows = s.size(0);
-  const int64_t channels = s.size(1);
+  const int64_t num_classes = s.size(1);
   TORCH_CHECK(rows < std::numeric_limits<int32_t>::max(), "rankkd::kendall_rank (CUDA): at most 2^31 - 2 rows, got ",
               rows);
-  TORCH_CHECK(channels <= std::numeric_limits<int32_t>::max() - kTile,
-              "rankkd::kendall_rank (CUDA): at most 2^31 - 65 classes, got C = ", channels);
+  TORCH_CHECK(num_classes <= std::numeric_limits<int32_t>::max() - kTile,
+              "rankkd::kendall_rank (CUDA): at most 2^31 - 65 classes, got C = ", num_classes);
   const auto acc_dtype = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = s.options().dtype(acc_dtype);
   at::Tensor loss = at::empty({rows}, opts);
-  at::Tensor grad_s = grad_student ? at::empty({rows, channels}, opts) : at::empty({0}, opts);
-  at::Tensor grad_t = grad_teacher ? at::empty({rows, channels}, opts) : at::empty({0}, opts);
+  at::Tensor grad_s = grad_student ? at::empty({rows, num_classes}, opts) : at::empty({0}, opts);
+  at::Tensor grad_t = grad_teacher ? at::empty({rows, num_classes}, opts) : at::empty({0}, opts);
   if (rows == 0) return {loss, grad_s, grad_t};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "kendall_rank_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
-    launch<scalar_t, acc_t>(s, t, static_cast<acc_t>(k), sign_teacher, grad_student, grad_teacher, loss, grad_s,
-                            grad_t);
+    launch<scalar_t, acc_t>(s, t, static_cast<acc_t>(k), choices, grad_student, grad_teacher, loss, grad_s, grad_t);
   });
   return {loss, grad_s, grad_t};
 }

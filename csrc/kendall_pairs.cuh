@@ -1,11 +1,11 @@
 // The pair kernel of the CUDA Kendall rank loss: every unordered pair (i, j) of a row is evaluated once and feeds both
 // ends, with deterministic reductions and O(rows * C) memory.
 //
-// Work. A row's C channels are cut into nt tiles of kTile (the last one padded with zeros). The unordered tile pairs
+// Work. A row's C classes are cut into nt tiles of kTile (the last one padded with zeros). The unordered tile pairs
 // are enumerated in strips: strip I holds (I, (I + d) mod nt) for d in [0, strip_length(I)), the circulant split of the
 // complete graph, so each unordered tile pair appears exactly once and every strip has nt/2 or nt/2 + 1 tile pairs.
-// Each row gets `groups` CTAs; CTA g takes a contiguous range of the row's tile pairs in strip order, so the split is
-// balanced to one tile pair whatever nt and groups are.
+// Each row gets `parts` CTAs; CTA p takes a contiguous range of the row's tile pairs in strip order, so the split is
+// balanced to one tile pair whatever nt and parts are.
 //
 // A CTA (4 warps) works on one tile pair at a time. Lane = ty + 8 tx (ty in [0, 8), tx in [0, 4)) of warp w owns
 //   row slots a in [0, 8):    i = I * kTile + ty + 8 a       (in registers for the whole strip)
@@ -19,14 +19,15 @@
 // padding, which makes every term of the pair 0; the terms a padded i adds to j's and to the loss are multiplied by
 // m_i inside FFMAs that are needed anyway. A padded i's own sums are never written. So padding costs no instructions.
 //
-// Determinism. Each CTA accumulates into its own slice of a (rows * groups, C) buffer with plain loads and stores in a
-// fixed order (one lane owns each element within a tile pair; __syncthreads orders the rest). A second kernel sums the
-// slices in group order. No atomics anywhere.
+// Determinism. Each CTA (one part of a row) accumulates into its own slice of a (rows * parts, C) buffer with plain
+// loads and stores in a fixed order (one lane owns each element within a tile pair; __syncthreads orders the rest). A
+// second kernel sums the slices in part order. No atomics anywhere.
 #pragma once
 
 #include <cstdint>
 #include <type_traits>
 
+#include "kendall.h"
 #include "kendall_tanh.cuh"
 
 namespace rankkd {
@@ -45,35 +46,11 @@ static_assert(kRowLanes * kRowSlots == kTile, "the row slots of 8 lanes cover a 
 static_assert(kWarps * kWarpColumns == kTile, "the column slots of a CTA cover a tile");
 static_assert(kWarpColumns % kRowLanes == 0, "a warp's diagonal block ends on a row slot boundary");
 
-// Where each pair's second tanh comes from. kExact is the accurate path (and the only one for float64); kApprox uses
-// MUFU.TANH for both; kMixed moves a share of the teacher tanh to tanh_poly on the FMA pipe.
-enum class Variant : int { kExact = 0, kApprox = 1, kMixed = 2 };
-
-template <Variant V>
-struct VariantTraits;
-template <>
-struct VariantTraits<Variant::kExact> {
-  // Differences are formed from the raw logits and then scaled: k (s_i - s_j) keeps every bit of a small difference,
-  // while k s_i - k s_j would carry the rounding of both products.
-  static constexpr bool kPrescaled = false;
-};
-template <>
-struct VariantTraits<Variant::kApprox> {
-  // The prepared logits are k s: one multiply less per difference; its rounding is far below tanh.approx's error.
-  static constexpr bool kPrescaled = true;
-};
-template <>
-struct VariantTraits<Variant::kMixed> {
-  static constexpr bool kPrescaled = true;
-};
-
-// How many of a lane's kRowSlots x kColSlots pairs per tile pair take their teacher tanh from tanh_poly in the mixed
-// variant. In the sm_90 SASS of the student-gradient kernel a tile pair costs 372 issue slots and 64 MUFU.TANH, which
-// keep the MUFU busy for 512 clocks; each tanh_poly adds 15 slots and takes 8 clocks off the MUFU, so 6 of them meet
-// at about 464 clocks (9% under approx). With the teacher gradient, issue nearly meets the MUFU time already (491
-// against 512) and mixed runs approx; with a sign teacher there is one tanh per pair and issue binds. See
-// bench/NOTES.md.
-constexpr int kMixedPolyPairs = 6;
+// Precision::kFast prepares the logits times k: one multiply less per difference, its rounding far below
+// tanh.approx's error. kExact forms differences from the raw logits and then scales them: k (s_i - s_j) keeps every
+// bit of a small difference, while k s_i - k s_j would carry the rounding of both products.
+template <Precision P>
+constexpr bool kPrescaledLogits = P == Precision::kFast;
 
 // ---- tile pair enumeration ------------------------------------------------------------------------------------------
 
@@ -103,16 +80,16 @@ __host__ __device__ inline Strip strip_containing(int64_t idx, int64_t nt) {
 
 template <typename T>
 struct PairArgs {
-  const T* student;          // (rows, padded): prepared logits, zero padded, times k when the variant prescales
+  const T* student;          // (rows, padded): prepared logits, zero padded, times k when kPrescaledLogits<P>
   const T* teacher;          // likewise
   const int32_t* nonfinite;  // (rows,): 1 where the row holds a non-finite logit
-  T* grad_s;                 // (rows * groups, C): each CTA's sums of sech^2_s g per channel
+  T* grad_s;                 // (rows * parts, C): each CTA's sums of sech^2_s g per channel
   T* grad_t;                 // likewise, sums of tanh_s sech^2_t; nullptr without teacher gradient
-  double* loss_part;         // (rows * groups,): each CTA's sum of tanh_s g over its unordered pairs
-  int channels;              // C (< 2^31: in-row indices are 32-bit, row offsets 64-bit)
+  double* loss_part;         // (rows * parts,): each CTA's sum of tanh_s g over its unordered pairs
+  int num_classes;           // C (< 2^31: in-row indices are 32-bit, row offsets 64-bit)
   int padded;                // nt * kTile
   int tiles;                 // nt
-  int64_t groups;            // CTAs per row
+  int64_t parts;             // CTAs per row
   T k;
 };
 
@@ -129,18 +106,18 @@ __device__ __forceinline__ T scaled_difference(T xi, T xj, T mj, T k) {
   return kPrescaled ? d : k * d;
 }
 
-// The tanh of a difference: MUFU.TANH in the fast variants, the accurate one in kExact and for float64.
-template <Variant V>
+// The tanh of a difference: MUFU.TANH for kFast, the accurate one for kExact and float64.
+template <Precision P>
 __device__ __forceinline__ float pair_tanh(float x) {
-  if constexpr (V == Variant::kExact) {
+  if constexpr (P == Precision::kExact) {
     return tanh_exact(x);
   } else {
     return tanh_approx(x);
   }
 }
-template <Variant V>
+template <Precision P>
 __device__ __forceinline__ double pair_tanh(double x) {
-  static_assert(V == Variant::kExact, "float64 has only the exact path");
+  static_assert(P == Precision::kExact, "float64 has only the exact path");
   return tanh_exact(x);
 }
 
@@ -148,13 +125,12 @@ __device__ __forceinline__ double pair_tanh(double x) {
 // pair adds to i it takes from j) and the tile's loss sum. g is tanh(k dt) or sign(dt); sech^2 = 1 - tanh^2 is taken
 // as b - a (a b) and a - b (a b), one FFMA each from the product that the loss needs anyway. kDiagonal: I == J, only
 // the pairs with i < j count (see the top of this file); zeroing both tanh of a pair zeroes everything it adds.
-template <typename T, Variant V, bool kSign, bool kGradT, bool kDiagonal>
+template <typename T, Precision P, TeacherMode M, bool kGradT, bool kDiagonal>
 __device__ __forceinline__ void tile_pair(const T (&xi)[kRowSlots], const T (&yi)[kRowSlots],
                                           const T (&mi)[kRowSlots], const T (&xj)[kColSlots],
                                           const T (&yj)[kColSlots], const T (&mj)[kColSlots], T k,
                                           T (&row_s)[kRowSlots], T (&row_t)[kRowSlots], T (&col_s)[kColSlots],
                                           T (&col_t)[kColSlots], T& loss) {
-  constexpr bool kPrescaled = VariantTraits<V>::kPrescaled;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int i_offset = lane % kRowLanes;                                        // i - I * kTile - kRowLanes * a
@@ -165,15 +141,12 @@ __device__ __forceinline__ void tile_pair(const T (&xi)[kRowSlots], const T (&yi
     T p[kColSlots], gs[kColSlots], gt[kColSlots];
 #pragma unroll
     for (int b = 0; b < kColSlots; ++b) {
-      T ta = pair_tanh<V>(scaled_difference<kPrescaled>(xi[a], xj[b], mj[b], k));
+      T ta = pair_tanh<P>(scaled_difference<kPrescaledLogits<P>>(xi[a], xj[b], mj[b], k));
       T tb;
-      if constexpr (kSign) {
+      if constexpr (M == TeacherMode::kSign) {
         tb = sign_or_zero(fma(yi[a], mj[b], -yj[b]));
-      } else if constexpr (V == Variant::kMixed) {
-        const T dt = scaled_difference<kPrescaled>(yi[a], yj[b], mj[b], k);
-        tb = a * kColSlots + b < kMixedPolyPairs ? tanh_poly(dt) : tanh_approx(dt);
       } else {
-        tb = pair_tanh<V>(scaled_difference<kPrescaled>(yi[a], yj[b], mj[b], k));
+        tb = pair_tanh<P>(scaled_difference<kPrescaledLogits<P>>(yi[a], yj[b], mj[b], k));
       }
       if constexpr (kDiagonal) {
         const bool counted = i_offset + kRowLanes * a < j_offset + b;
@@ -205,7 +178,7 @@ __device__ __forceinline__ double shuffle_xor(double v, int mask) { return __shf
 // bits (xor 4, 2, 1): afterwards lane ty holds the full sum of column slot b = 2 (ty>>2 & 1) + (ty>>1 & 1), and the
 // lanes with even ty write it (the odd ones hold the same value). Each element has one writer.
 template <typename T>
-__device__ __forceinline__ void flush_columns(const T (&col)[kColSlots], T* part, int j0, int ty, int channels) {
+__device__ __forceinline__ void flush_columns(const T (&col)[kColSlots], T* part, int j0, int ty, int num_classes) {
   const bool upper = ty & 4;
   T keep0 = upper ? col[2] : col[0];
   T keep1 = upper ? col[3] : col[1];
@@ -218,13 +191,13 @@ __device__ __forceinline__ void flush_columns(const T (&col)[kColSlots], T* part
   sum += shuffle_xor(odd ? keep0 : keep1, 2);
   sum += shuffle_xor(sum, 1);
   const int j = j0 + (upper ? 2 : 0) + (odd ? 1 : 0);
-  if ((ty & 1) == 0 && j < channels) part[j] += sum;
+  if ((ty & 1) == 0 && j < num_classes) part[j] += sum;
 }
 
 // Adds the row sums of a strip, reduced over the 4 lanes sharing ty (xor 8, 16) and then over the 4 warps in warp
 // order through shared memory, to part[I * kTile + t]. Called by the whole CTA; leaves shared memory free again.
 template <typename T>
-__device__ __forceinline__ void flush_rows(T (&row)[kRowSlots], T* part, int tile, int channels,
+__device__ __forceinline__ void flush_rows(T (&row)[kRowSlots], T* part, int tile, int num_classes,
                                            T (&scratch)[kWarps][kTile]) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -243,7 +216,7 @@ __device__ __forceinline__ void flush_rows(T (&row)[kRowSlots], T* part, int til
     const int t = threadIdx.x;
     const T sum = ((scratch[0][t] + scratch[1][t]) + scratch[2][t]) + scratch[3][t];
     const int i = tile * kTile + t;
-    if (i < channels) part[i] += sum;
+    if (i < num_classes) part[i] += sum;
   }
   __syncthreads();
   static_assert(kWarps == 4, "the warp sum above is written out for 4 warps");
@@ -269,7 +242,7 @@ struct PairShared {
 };
 
 // Tile pair (tile, other) of a strip: loads the lane's columns, evaluates its pairs, flushes the column sums.
-template <typename T, Variant V, bool kSign, bool kGradT, bool kDiagonal>
+template <typename T, Precision P, TeacherMode M, bool kGradT, bool kDiagonal>
 __device__ __forceinline__ void run_tile_pair(const PairArgs<T>& args, const T* s_row, const T* t_row, T* part_s,
                                               T* part_t, int other, const T (&xi)[kRowSlots], const T (&yi)[kRowSlots],
                                               const T (&mi)[kRowSlots], T (&row_s)[kRowSlots],
@@ -281,19 +254,19 @@ __device__ __forceinline__ void run_tile_pair(const PairArgs<T>& args, const T* 
   load4(t_row + j0, yj);
 #pragma unroll
   for (int b = 0; b < kColSlots; ++b) {
-    mj[b] = j0 + b < args.channels ? T(1) : T(0);
+    mj[b] = j0 + b < args.num_classes ? T(1) : T(0);
     col_s[b] = T(0);
     col_t[b] = T(0);
   }
   T tile_loss = T(0);
-  tile_pair<T, V, kSign, kGradT, kDiagonal>(xi, yi, mi, xj, yj, mj, args.k, row_s, row_t, col_s, col_t, tile_loss);
+  tile_pair<T, P, M, kGradT, kDiagonal>(xi, yi, mi, xj, yj, mj, args.k, row_s, row_t, col_s, col_t, tile_loss);
   loss += static_cast<double>(tile_loss);
-  flush_columns(col_s, part_s, j0, lane % kRowLanes, args.channels);
-  if constexpr (kGradT) flush_columns(col_t, part_t, j0, lane % kRowLanes, args.channels);
+  flush_columns(col_s, part_s, j0, lane % kRowLanes, args.num_classes);
+  if constexpr (kGradT) flush_columns(col_t, part_t, j0, lane % kRowLanes, args.num_classes);
 }
 
 // Tile pairs [d0, d1) of strip `tile`: row slots stay in registers throughout, column sums are flushed per tile pair.
-template <typename T, Variant V, bool kSign, bool kGradT>
+template <typename T, Precision P, TeacherMode M, bool kGradT>
 __device__ __forceinline__ void run_strip(const PairArgs<T>& args, const T* s_row, const T* t_row, T* part_s,
                                           T* part_t, int tile, int d0, int d1, double& loss, PairShared<T>& shared) {
   const int ty = (threadIdx.x & 31) % kRowLanes;
@@ -303,36 +276,36 @@ __device__ __forceinline__ void run_strip(const PairArgs<T>& args, const T* s_ro
     const int i = tile * kTile + ty + kRowLanes * a;
     xi[a] = s_row[i];
     yi[a] = t_row[i];
-    mi[a] = i < args.channels ? T(1) : T(0);
+    mi[a] = i < args.num_classes ? T(1) : T(0);
     row_s[a] = T(0);
     row_t[a] = T(0);
   }
   if (d0 == 0) {
-    run_tile_pair<T, V, kSign, kGradT, true>(args, s_row, t_row, part_s, part_t, tile, xi, yi, mi, row_s, row_t, loss);
+    run_tile_pair<T, P, M, kGradT, true>(args, s_row, t_row, part_s, part_t, tile, xi, yi, mi, row_s, row_t, loss);
   }
   for (int d = d0 == 0 ? 1 : d0; d < d1; ++d) {
     const int other = tile + d < args.tiles ? tile + d : tile + d - args.tiles;
-    run_tile_pair<T, V, kSign, kGradT, false>(args, s_row, t_row, part_s, part_t, other, xi, yi, mi, row_s, row_t,
+    run_tile_pair<T, P, M, kGradT, false>(args, s_row, t_row, part_s, part_t, other, xi, yi, mi, row_s, row_t,
                                               loss);
   }
   // Every warp's column writes of this strip come before the row writes below (flush_rows starts with a barrier).
-  flush_rows(row_s, part_s, tile, args.channels, shared.rows_s);
-  if constexpr (kGradT) flush_rows(row_t, part_t, tile, args.channels, shared.rows_t);
+  flush_rows(row_s, part_s, tile, args.num_classes, shared.rows_s);
+  if constexpr (kGradT) flush_rows(row_t, part_t, tile, args.num_classes, shared.rows_t);
 }
 
 // One CTA: zero its slice, run its range of tile pairs strip by strip, write its loss sum.
-template <typename T, Variant V, bool kSign, bool kGradT>
+template <typename T, Precision P, TeacherMode M, bool kGradT>
 __global__ void __launch_bounds__(kThreads) kendall_pairs_kernel(const PairArgs<T> args) {
   __shared__ PairShared<T> shared;
   const int64_t cta = blockIdx.x;
-  const int64_t row = cta / args.groups;
-  const int64_t group = cta - row * args.groups;
+  const int64_t row = cta / args.parts;
+  const int64_t part = cta - row * args.parts;
   if (args.nonfinite[row]) return;  // the finalize kernel writes NaN over the whole row
 
-  const int channels = args.channels;
-  T* part_s = args.grad_s + cta * channels;
-  T* part_t = kGradT ? args.grad_t + cta * channels : nullptr;
-  for (int c = threadIdx.x; c < channels; c += kThreads) {
+  const int num_classes = args.num_classes;
+  T* part_s = args.grad_s + cta * num_classes;
+  T* part_t = kGradT ? args.grad_t + cta * num_classes : nullptr;
+  for (int c = threadIdx.x; c < num_classes; c += kThreads) {
     part_s[c] = T(0);
     if constexpr (kGradT) part_t[c] = T(0);
   }
@@ -341,13 +314,13 @@ __global__ void __launch_bounds__(kThreads) kendall_pairs_kernel(const PairArgs<
   const T* s_row = args.student + row * args.padded;
   const T* t_row = args.teacher + row * args.padded;
   const int64_t pairs = tile_pairs(args.tiles);
-  const int64_t end = (group + 1) * pairs / args.groups;
+  const int64_t end = (part + 1) * pairs / args.parts;
   double loss = 0.0;
-  for (int64_t idx = group * pairs / args.groups; idx < end;) {
+  for (int64_t idx = part * pairs / args.parts; idx < end;) {
     const Strip strip = strip_containing(idx, args.tiles);
     const int d0 = static_cast<int>(idx - strip.first);
     const int d1 = static_cast<int>(d0 + (end - idx) < strip.length ? d0 + (end - idx) : strip.length);
-    run_strip<T, V, kSign, kGradT>(args, s_row, t_row, part_s, part_t, static_cast<int>(strip.tile), d0, d1, loss,
+    run_strip<T, P, M, kGradT>(args, s_row, t_row, part_s, part_t, static_cast<int>(strip.tile), d0, d1, loss,
                                    shared);
     idx = strip.first + d1;
   }

@@ -15,7 +15,7 @@ gather instead of a Python error."""
 import torch
 import torch.nn.functional as F
 
-from rankkd._args import check_number
+from rankkd._args import check_logits, check_number
 from rankkd.ops import kendall_rank_loss
 
 __all__ = ["dist_loss", "dkd_loss", "dkd_parts", "kd_loss", "kendall_rank_loss", "standardize"]
@@ -24,25 +24,6 @@ __all__ = ["dist_loss", "dkd_loss", "dkd_parts", "kd_loss", "kendall_rank_loss",
 STANDARDIZE_EPS = 1e-7
 # DIST's reference code adds this to the product of norms in its Pearson correlation, for the same reason.
 PEARSON_EPS = 1e-8
-
-
-def _check_logits(student, teacher):
-    for name, x in (("student", student), ("teacher", teacher)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of logits, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must hold floating-point logits, got dtype {x.dtype}")
-        if x.dim() != 2:
-            raise ValueError(f"{name} logits must have shape (batch, C), got {tuple(x.shape)}")
-    if student.shape[1] != teacher.shape[1]:
-        raise ValueError(f"student has {student.shape[1]} classes and teacher has {teacher.shape[1]}: the class "
-                         "counts (last dims) must match")
-    if student.shape[0] != teacher.shape[0]:
-        raise ValueError(f"student has batch size {student.shape[0]} and teacher {teacher.shape[0]}: they must match")
-    if student.device != teacher.device:
-        raise ValueError(f"student is on {student.device} and teacher on {teacher.device}: put both on one device")
-    if student.shape[1] < 2:
-        raise ValueError(f"the last dim holds the classes and needs C >= 2, got C = {student.shape[1]}")
 
 
 def check_target(target, logits, soft_ok=False):
@@ -108,7 +89,7 @@ def kd_loss(student, teacher, temperature=1.0, standardize=False):
 
     standardize=True z-scores both logit vectors first (logit standardization), which makes the loss invariant to a
     per-row shift and positive scale of either input."""
-    _check_logits(student, teacher)
+    check_logits(student, teacher, batched=True)
     check_number("temperature", temperature)
     log_p_student, log_p_teacher = _tempered_log_probs(student, teacher, temperature, standardize)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(-1)
@@ -123,7 +104,7 @@ def dkd_parts(student, teacher, target, temperature=4.0, standardize=False):
 
     with p = softmax(logits / T). They add up to KD as the paper's Eq. (1) says:
     KL(p_teacher || p_student) = tckd + (1 - p_teacher[target]) * nckd."""
-    _check_logits(student, teacher)
+    check_logits(student, teacher, batched=True)
     check_target(target, student)
     check_number("temperature", temperature)
     log_p_student, log_p_teacher = _tempered_log_probs(student, teacher, temperature, standardize)
@@ -173,7 +154,7 @@ def dist_loss(student, teacher, beta=1.0, gamma=1.0, temperature=1.0):
 
     The intra-class term correlates across the batch, so it depends on the whole (local) batch, and a batch of one
     gives intra = 1 with no gradient. Pearson uses the reference code's 1e-8 in the denominator."""
-    _check_logits(student, teacher)
+    check_logits(student, teacher, batched=True)
     check_number("beta", beta, positive=False)
     check_number("gamma", gamma, positive=False)
     check_number("temperature", temperature)

@@ -19,18 +19,15 @@ read-modify-writes from the next's. When one part per row is enough (the rows fi
 small to spread) that slice is the output itself and the whole op is one launch; otherwise a second kernel adds the
 parts' slices in order. Extra memory: parts * rows * C per gradient, parts <= MAX_PARTS.
 
-tanh. FAST_TANH (the default on a GPU) evaluates tanh with one tanh.approx.f32 instruction (about 2^-11 relative
-error by the PTX ISA's bound) and sech^2 as 1 - tanh^2: loss and gradients within 2e-3 (relative norm) of float64 on
-logits of a realistic spread; strongly saturated pairs (|k (x_i - x_j)| beyond ~4) lose relative accuracy in sech^2.
-The exact path (tanh from the rational minimax fit of csrc/kendall.h, sech^2 from exp) stays within 1e-5 of float64
-for loss and gradients, saturated logits included, for about five times the instructions per pair (sm_90 SASS: ~64
-against ~12). It is the only path the interpreter can run (no inline assembly there), so it is chosen automatically
-under TRITON_INTERPRET=1. Force it on a GPU with RANKKD_TRITON_EXACT_TANH=1 in the environment before import, or by
-setting kendall.FAST_TANH = False at run time (read when a call runs eagerly or is traced: code torch.compile already
-compiled keeps the path it was traced with). Float64 logits are computed in float64 throughout, on the exact path."""
+Precision (the op's precision argument). "fast" (float32 math on a GPU) evaluates tanh with one tanh.approx.f32
+instruction (about 2^-11 relative error by the PTX ISA's bound) and sech^2 as 1 - tanh^2: loss and gradients within
+2e-3 (relative norm) of float64 on logits of a realistic spread; strongly saturated pairs (|k (x_i - x_j)| beyond ~4)
+lose relative accuracy in sech^2. "exact" (tanh from the rational minimax fit of csrc/kendall_cpu_math.h, sech^2 from
+exp) stays within 1e-5 of float64 for loss and gradients, saturated logits included, for about five times the
+instructions per pair (sm_90 SASS: ~64 against ~12). The interpreter runs "fast" as "exact" (it has no inline
+assembly), and float64 logits are computed in float64 throughout, exactly."""
 import contextlib
 import functools
-import os
 import struct
 
 import torch
@@ -38,7 +35,7 @@ import triton
 import triton.language as tl
 from torch.library import custom_op, triton_op, wrap_triton
 
-from rankkd import _fused
+from rankkd import _args, _fused
 
 # Parts per row stay at or below this: bounds the partial-sum memory to MAX_PARTS * rows * C per gradient.
 MAX_PARTS = 64
@@ -48,8 +45,8 @@ _SMALL_PROBLEM = 1 << 22
 
 
 @triton.jit
-def _tanh(x, FAST_TANH: tl.constexpr):
-    if FAST_TANH:
+def _tanh(x, PRECISION_FAST: tl.constexpr):
+    if PRECISION_FAST:
         # One MUFU.TANH instruction, float32 only. Pinned to exactly +-1 beyond |x| = 9.02 (where float32 tanh rounds
         # to +-1): the PTX spec does not promise exact saturation, and 1 - tanh^2 of every saturated pair would add up.
         y = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
@@ -60,8 +57,9 @@ def _tanh(x, FAST_TANH: tl.constexpr):
         magnitude = (1.0 - e) / (1.0 + e)
         return tl.where(x < 0, -magnitude, magnitude)
     else:
-        # x * P(x^2) / Q(x^2), the [9/8] minimax fit of csrc/kendall.h: max relative error 3.5e-7 on [0, 9], and tanh
-        # rounds to +-1 in float32 beyond |x| = 9, so clamping there is exact. All coefficients are positive: Q >= 1.
+        # x * P(x^2) / Q(x^2), the [9/8] minimax fit of csrc/kendall_cpu_math.h: max relative error 3.5e-7 on [0, 9],
+        # and tanh rounds to +-1 in float32 beyond |x| = 9, so clamping there is exact. All coefficients are positive:
+        # Q >= 1.
         x = tl.clamp(x, -9.0, 9.0)
         z = x * x
         p = (((1.3754580e-08 * z + 2.0902280e-05) * z + 3.5136070e-03) * z + 1.3396265e-01) * z + 1.0
@@ -70,9 +68,9 @@ def _tanh(x, FAST_TANH: tl.constexpr):
 
 
 @triton.jit
-def _sech2(x, tanh_x, FAST_TANH: tl.constexpr):
+def _sech2(x, tanh_x, PRECISION_FAST: tl.constexpr):
     """sech^2(x), given tanh_x = tanh(x)."""
-    if FAST_TANH:
+    if PRECISION_FAST:
         return 1.0 - tanh_x * tanh_x  # one FMA, its error far below tanh.approx's
     else:
         # 4e / (1 + e)^2 with e = exp(-2|x|) keeps full relative accuracy in saturation. 1 - tanh^2 cannot: a float32
@@ -96,44 +94,44 @@ def _add_into(ptr, values, mask):
 
 
 @triton.jit
-def _pair_block(grad_s_row, grad_t_row, n_cols, k, col_scale, offs_i, s_i, t_i, offs_j, s_j, t_j,
+def _pair_block(grad_s_row, grad_t_row, num_classes, k, col_scale, offs_i, s_i, t_i, offs_j, s_j, t_j,
                 concordance, row_gs, row_gt,
-                MASKED: tl.constexpr, SIGN_TEACHER: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
-                FAST_TANH: tl.constexpr):
+                MASKED: tl.constexpr, TEACHER_MODE_SIGN: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+                PRECISION_FAST: tl.constexpr):
     """The pairs (i, j) of one block, i in offs_i (logits s_i, t_i), j in offs_j (logits s_j, t_j): adds their
     concordance into concordance (per column), their i-end gradient terms into the 2-D tiles row_gs, row_gt, and
     their j-end terms, summed over i and times col_scale, into the gradients at offs_j. MASKED keeps only the pairs
     i < j < C."""
     x_s = (s_i[:, None] - s_j[None, :]) * k
     x_t = t_i[:, None] - t_j[None, :]
-    a = _tanh(x_s, FAST_TANH)
-    if SIGN_TEACHER:
+    a = _tanh(x_s, PRECISION_FAST)
+    if TEACHER_MODE_SIGN:
         b = (x_t > 0).to(x_t.dtype) - (x_t < 0).to(x_t.dtype)
     else:
         x_t = x_t * k
-        b = _tanh(x_t, FAST_TANH)
+        b = _tanh(x_t, PRECISION_FAST)
     if MASKED:
         # Zero tanh values make every term of a dropped pair exactly zero.
-        keep = (offs_j[None, :] > offs_i[:, None]) & (offs_j[None, :] < n_cols)
+        keep = (offs_j[None, :] > offs_i[:, None]) & (offs_j[None, :] < num_classes)
         a = tl.where(keep, a, 0.0)
         b = tl.where(keep, b, 0.0)
     concordance += tl.sum(a * b, axis=0)
     if GRAD_S:
-        d_s = _sech2(x_s, a, FAST_TANH) * b  # sech^2(k (s_i - s_j)) g(t_i - t_j), odd in (i, j)
+        d_s = _sech2(x_s, a, PRECISION_FAST) * b  # sech^2(k (s_i - s_j)) g(t_i - t_j), odd in (i, j)
         row_gs += d_s
-        _add_into(grad_s_row + offs_j, tl.sum(d_s, axis=0) * col_scale, offs_j < n_cols)
+        _add_into(grad_s_row + offs_j, tl.sum(d_s, axis=0) * col_scale, offs_j < num_classes)
     if GRAD_T:
-        d_t = a * _sech2(x_t, b, FAST_TANH)  # tanh(k (s_i - s_j)) sech^2(k (t_i - t_j)), odd in (i, j)
+        d_t = a * _sech2(x_t, b, PRECISION_FAST)  # tanh(k (s_i - s_j)) sech^2(k (t_i - t_j)), odd in (i, j)
         row_gt += d_t
-        _add_into(grad_t_row + offs_j, tl.sum(d_t, axis=0) * col_scale, offs_j < n_cols)
+        _add_into(grad_t_row + offs_j, tl.sum(d_t, axis=0) * col_scale, offs_j < num_classes)
     return concordance, row_gs, row_gt
 
 
-# n_cols is not specialized (on divisibility by 16): that would compile a kernel per kind of C and buy nothing here.
-@triton.jit(do_not_specialize=["n_cols"])
+# num_classes is not specialized (on divisibility by 16): that would compile a kernel per kind of C and buy nothing.
+@triton.jit(do_not_specialize=["num_classes"])
 def _kendall_pairs_kernel(
-    student_ptr, teacher_ptr, loss_ptr, grad_s_ptr, grad_t_ptr, n_cols, loss_base, k_hi, k_lo,
-    SIGN_TEACHER: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, FAST_TANH: tl.constexpr,
+    student_ptr, teacher_ptr, loss_ptr, grad_s_ptr, grad_t_ptr, num_classes, loss_base, k_hi, k_lo,
+    TEACHER_MODE_SIGN: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, PRECISION_FAST: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     """Program (row, part): the pairs of the row's panels dealt to `part` (of num_programs(1) parts).
@@ -150,28 +148,28 @@ def _kendall_pairs_kernel(
     acc_dtype = loss_ptr.dtype.element_ty
     # Triton passes Python floats as float32: k arrives as two float32 halves so float64 logits get k to 48 bits.
     k = tl.cast(k_hi, acc_dtype) + tl.cast(k_lo, acc_dtype)
-    n = tl.cast(n_cols, acc_dtype)
+    n = tl.cast(num_classes, acc_dtype)
     pair_scale = 2.0 / (n * (n - 1.0))
     grad_scale = -pair_scale * k  # dL/ds_i = grad_scale * sum_{j != i} sech^2(k (s_i - s_j)) g(t_i - t_j)
 
-    student_row = student_ptr + row * n_cols
-    teacher_row = teacher_ptr + row * n_cols
-    grad_s_row = grad_s_ptr + (row * n_parts + part) * n_cols
-    grad_t_row = grad_t_ptr + (row * n_parts + part) * n_cols
+    student_row = student_ptr + row * num_classes
+    teacher_row = teacher_ptr + row * num_classes
+    grad_s_row = grad_s_ptr + (row * n_parts + part) * num_classes
+    grad_t_row = grad_t_ptr + (row * n_parts + part) * num_classes
     i_range = tl.arange(0, BLOCK_I)
     j_range = tl.arange(0, BLOCK_J)
 
     if GRAD_S or GRAD_T:
-        for c0 in range(0, n_cols, BLOCK_J):
+        for c0 in range(0, num_classes, BLOCK_J):
             cols = c0 + j_range
             if GRAD_S:
-                tl.store(grad_s_row + cols, tl.zeros([BLOCK_J], acc_dtype), mask=cols < n_cols)
+                tl.store(grad_s_row + cols, tl.zeros([BLOCK_J], acc_dtype), mask=cols < num_classes)
             if GRAD_T:
-                tl.store(grad_t_row + cols, tl.zeros([BLOCK_J], acc_dtype), mask=cols < n_cols)
+                tl.store(grad_t_row + cols, tl.zeros([BLOCK_J], acc_dtype), mask=cols < num_classes)
 
     concordance = tl.zeros([BLOCK_J], acc_dtype)  # sum over the program's pairs of tanh_s * g, per block column
     non_finite = tl.zeros([BLOCK_I], tl.int32)  # count of non-finite logits in the program's panels
-    n_panels = tl.cdiv(n_cols, BLOCK_I)
+    n_panels = tl.cdiv(num_classes, BLOCK_I)
     for deal in range(0, tl.cdiv(n_panels, n_parts)):
         # Panels go to parts in snake order (0..P-1, then P-1..0, ...): panel I pairs with the C - I * BLOCK_I
         # channels from its start on, and snaking evens out the parts' shares of that triangle.
@@ -180,7 +178,7 @@ def _kendall_pairs_kernel(
             if GRAD_S or GRAD_T:
                 tl.debug_barrier()  # the previous panel's read-modify-writes (or the zero fill) land first
             offs_i = panel * BLOCK_I + i_range
-            mask_i = offs_i < n_cols
+            mask_i = offs_i < num_classes
             s_i, s_bad = _load_logits(student_row + offs_i, mask_i, acc_dtype)
             t_i, t_bad = _load_logits(teacher_row + offs_i, mask_i, acc_dtype)
             non_finite += s_bad + t_bad
@@ -189,13 +187,13 @@ def _kendall_pairs_kernel(
             first_col = panel * BLOCK_I
             # The diagonal block (pairs within the panel, i < j), then full blocks, then the block crossing C, if any
             # and if it is not the diagonal block. Only the first and last need masks.
-            tail = n_cols - (n_cols - first_col) % BLOCK_J
+            tail = num_classes - (num_classes - first_col) % BLOCK_J
             offs_j = first_col + j_range
-            s_j, _ = _load_logits(student_row + offs_j, offs_j < n_cols, acc_dtype)
-            t_j, _ = _load_logits(teacher_row + offs_j, offs_j < n_cols, acc_dtype)
+            s_j, _ = _load_logits(student_row + offs_j, offs_j < num_classes, acc_dtype)
+            t_j, _ = _load_logits(teacher_row + offs_j, offs_j < num_classes, acc_dtype)
             concordance, row_gs, row_gt = _pair_block(
-                grad_s_row, grad_t_row, n_cols, k, -grad_scale, offs_i, s_i, t_i, offs_j, s_j, t_j,
-                concordance, row_gs, row_gt, True, SIGN_TEACHER, GRAD_S, GRAD_T, FAST_TANH)
+                grad_s_row, grad_t_row, num_classes, k, -grad_scale, offs_i, s_i, t_i, offs_j, s_j, t_j,
+                concordance, row_gs, row_gt, True, TEACHER_MODE_SIGN, GRAD_S, GRAD_T, PRECISION_FAST)
             # Each full block's logits are loaded one block ahead, so the loads' latency hides behind the math.
             offs_next = first_col + BLOCK_J + j_range
             s_next, _ = _load_logits(student_row + offs_next, offs_next < tail, acc_dtype)
@@ -206,15 +204,15 @@ def _kendall_pairs_kernel(
                 s_next, _ = _load_logits(student_row + offs_next, offs_next < tail, acc_dtype)
                 t_next, _ = _load_logits(teacher_row + offs_next, offs_next < tail, acc_dtype)
                 concordance, row_gs, row_gt = _pair_block(
-                    grad_s_row, grad_t_row, n_cols, k, -grad_scale, offs_i, s_i, t_i, j0 + j_range, s_j, t_j,
-                    concordance, row_gs, row_gt, False, SIGN_TEACHER, GRAD_S, GRAD_T, FAST_TANH)
-            if (tail > first_col) & (tail < n_cols):
+                    grad_s_row, grad_t_row, num_classes, k, -grad_scale, offs_i, s_i, t_i, j0 + j_range, s_j, t_j,
+                    concordance, row_gs, row_gt, False, TEACHER_MODE_SIGN, GRAD_S, GRAD_T, PRECISION_FAST)
+            if (tail > first_col) & (tail < num_classes):
                 offs_j = tail + j_range
-                s_j, _ = _load_logits(student_row + offs_j, offs_j < n_cols, acc_dtype)
-                t_j, _ = _load_logits(teacher_row + offs_j, offs_j < n_cols, acc_dtype)
+                s_j, _ = _load_logits(student_row + offs_j, offs_j < num_classes, acc_dtype)
+                t_j, _ = _load_logits(teacher_row + offs_j, offs_j < num_classes, acc_dtype)
                 concordance, row_gs, row_gt = _pair_block(
-                    grad_s_row, grad_t_row, n_cols, k, -grad_scale, offs_i, s_i, t_i, offs_j, s_j, t_j,
-                    concordance, row_gs, row_gt, True, SIGN_TEACHER, GRAD_S, GRAD_T, FAST_TANH)
+                    grad_s_row, grad_t_row, num_classes, k, -grad_scale, offs_i, s_i, t_i, offs_j, s_j, t_j,
+                    concordance, row_gs, row_gt, True, TEACHER_MODE_SIGN, GRAD_S, GRAD_T, PRECISION_FAST)
             if GRAD_S or GRAD_T:
                 tl.debug_barrier()  # the diagonal block's column sums went to this panel's own channels
             if GRAD_S:
@@ -226,30 +224,30 @@ def _kendall_pairs_kernel(
     if GRAD_S or GRAD_T:
         if has_non_finite:  # the whole slice, so that the row's gradients come out NaN whatever the other parts hold
             tl.debug_barrier()
-            for c0 in range(0, n_cols, BLOCK_J):
+            for c0 in range(0, num_classes, BLOCK_J):
                 cols = c0 + j_range
                 nan = tl.full([BLOCK_J], float("nan"), acc_dtype)
                 if GRAD_S:
-                    tl.store(grad_s_row + cols, nan, mask=cols < n_cols)
+                    tl.store(grad_s_row + cols, nan, mask=cols < num_classes)
                 if GRAD_T:
-                    tl.store(grad_t_row + cols, nan, mask=cols < n_cols)
+                    tl.store(grad_t_row + cols, nan, mask=cols < num_classes)
     loss = loss_base - pair_scale * tl.sum(concordance, axis=0)
     tl.store(loss_ptr + row * n_parts + part, tl.where(has_non_finite, float("nan"), loss))
 
 
 @triton.jit
-def _sum_parts(part_row, out_row, offs, mask, n_cols, n_parts, BLOCK_C: tl.constexpr):
+def _sum_parts(part_row, out_row, offs, mask, num_classes, n_parts, BLOCK_C: tl.constexpr):
     total = tl.zeros([BLOCK_C], out_row.dtype.element_ty)
     for p in range(0, n_parts):
-        total += tl.load(part_row + p * n_cols + offs, mask=mask, other=0.0)
+        total += tl.load(part_row + p * num_classes + offs, mask=mask, other=0.0)
     tl.store(out_row + offs, total, mask=mask)
 
 
-@triton.jit(do_not_specialize=["n_cols", "n_parts"])
+@triton.jit(do_not_specialize=["num_classes", "n_parts"])
 def _kendall_sum_parts_kernel(
     loss_part_ptr, grad_s_part_ptr, grad_t_part_ptr,
     loss_ptr, grad_s_ptr, grad_t_ptr,
-    n_cols, n_parts,
+    num_classes, n_parts,
     GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, BLOCK_PARTS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Program (row, column block): adds the parts' partial sums in part order. A part whose panels hold a non-finite
@@ -260,18 +258,17 @@ def _kendall_sum_parts_kernel(
     loss_parts = tl.load(loss_part_ptr + row * n_parts + parts, mask=parts < n_parts, other=0.0)
     tl.store(loss_ptr + row, 1.0 + tl.sum(loss_parts, axis=0), mask=block == 0)
     offs = block * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = offs < n_cols
+    mask = offs < num_classes
     if GRAD_S:
-        _sum_parts(grad_s_part_ptr + row * n_parts * n_cols, grad_s_ptr + row * n_cols, offs, mask, n_cols, n_parts,
-                   BLOCK_C)
+        _sum_parts(grad_s_part_ptr + row * n_parts * num_classes, grad_s_ptr + row * num_classes, offs, mask,
+                   num_classes, n_parts, BLOCK_C)
     if GRAD_T:
-        _sum_parts(grad_t_part_ptr + row * n_parts * n_cols, grad_t_ptr + row * n_cols, offs, mask, n_cols, n_parts,
-                   BLOCK_C)
+        _sum_parts(grad_t_part_ptr + row * n_parts * num_classes, grad_t_ptr + row * num_classes, offs, mask,
+                   num_classes, n_parts, BLOCK_C)
 
 
 # Under TRITON_INTERPRET=1, @triton.jit returns Python-run stand-ins instead of JITFunctions.
 INTERPRETED = not isinstance(_kendall_pairs_kernel, triton.runtime.JITFunction)
-FAST_TANH = not INTERPRETED and os.environ.get("RANKKD_TRITON_EXACT_TANH", "0") != "1"
 
 # Launch shape. A block is BLOCK_J = 32 * num_warps columns, one per thread, times BLOCK_I rows that every thread holds
 # in registers, so the column sums of a block stay within a thread. Two warps keep blocks narrow (64 columns: little
@@ -290,70 +287,48 @@ def _num_sms(device):
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def num_parts(rows, n_cols, block_i, device):
+def num_parts(rows, num_classes, block_i, device):
     """Parts per row: about eight programs per SM (two waves at four resident per SM: equal programs then leave few
     SMs idle at the end), one part when the rows alone give that or the problem is too small to be worth a second
     launch, and at most MAX_PARTS and half the row's panels (two panels per part, snake-dealt, keep parts even)."""
-    if rows * n_cols * n_cols <= _SMALL_PROBLEM:
+    if rows * num_classes * num_classes <= _SMALL_PROBLEM:
         return 1
-    return max(1, min(triton.cdiv(8 * _num_sms(device), rows), MAX_PARTS, triton.cdiv(n_cols, block_i) // 2))
+    return max(1, min(triton.cdiv(8 * _num_sms(device), rows), MAX_PARTS, triton.cdiv(num_classes, block_i) // 2))
 
 
-def _check_args(student, teacher, k, sign_teacher, grad_teacher):
-    name = "rankkd::kendall_rank_triton"
-    if student.dim() != 2:
-        raise ValueError(f"{name}: student must be 2-D (rows, C), got shape {tuple(student.shape)}")
-    if teacher.shape != student.shape:
-        raise ValueError(f"{name}: teacher shape {tuple(teacher.shape)} must equal student shape "
-                         f"{tuple(student.shape)}")
-    if student.dtype != teacher.dtype:
-        raise ValueError(f"{name}: student dtype {student.dtype} and teacher dtype {teacher.dtype} must match")
-    if student.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise ValueError(f"{name}: logits must be float16, bfloat16, float32 or float64, got {student.dtype}")
-    if student.device != teacher.device:
-        raise ValueError(f"{name}: student on {student.device} and teacher on {teacher.device} must be on one device")
-    if student.shape[1] < 2:
-        raise ValueError(f"{name}: need at least 2 classes, got C = {student.shape[1]}")
-    # k reaches the kernel as two float32 halves: beyond float32's range it would become NaN, below its normals 0.
-    if not 2.0**-126 <= k <= torch.finfo(torch.float32).max:
-        raise ValueError(f"{name}: k must be a number in [2^-126, 3.4e38] (float32's normal range), got {k}")
-    if sign_teacher and grad_teacher:
-        raise ValueError(f"{name}: teacher_mode 'sign' has no teacher gradient; pass grad_teacher=False")
-
-
-def kendall_rank(student, teacher, k, sign_teacher, grad_student, grad_teacher, *, block_i=None, block_j=None,
-                 num_warps=NUM_WARPS, parts=None, fast_tanh=None):
+def kendall_rank(student, teacher, k, teacher_mode, precision, grad_student, grad_teacher, *, block_i=None,
+                 block_j=None, num_warps=NUM_WARPS, parts=None):
     """The op's implementation, with the launch knobs exposed for tests and tuning: panel height block_i (default
     BLOCK_I_FAST, _EXACT or _FLOAT64; BLOCK_I_INTERPRETED in the interpreter), block width block_j (default
-    32 * num_warps, or BLOCK_J_INTERPRETED; must be >= block_i), parts per row (default num_parts), fast_tanh (default
-    FAST_TANH; float64 logits always take the exact path)."""
-    _check_args(student, teacher, k, sign_teacher, grad_teacher)
+    32 * num_warps, or BLOCK_J_INTERPRETED; must be >= block_i), parts per row (default num_parts)."""
+    _args.check_fused_args("rankkd::kendall_rank_triton", student, teacher, k, teacher_mode, precision, grad_teacher)
     student, teacher = student.contiguous(), teacher.contiguous()
-    rows, n_cols = student.shape
+    rows, num_classes = student.shape
     acc_dtype = _fused.accumulation_dtype(student.dtype)
-    fast_tanh = (FAST_TANH if fast_tanh is None else fast_tanh) and acc_dtype == torch.float32
+    # tanh.approx.f32 is float32-only and needs a GPU (the interpreter has no inline assembly).
+    precision_fast = precision == "fast" and acc_dtype == torch.float32 and not INTERPRETED
     if block_i is None:
         block_i = (BLOCK_I_INTERPRETED if INTERPRETED else BLOCK_I_FLOAT64 if acc_dtype == torch.float64 else
-                   BLOCK_I_FAST if fast_tanh else BLOCK_I_EXACT)
+                   BLOCK_I_FAST if precision_fast else BLOCK_I_EXACT)
     if block_j is None:
         block_j = BLOCK_J_INTERPRETED if INTERPRETED else 32 * num_warps
     if block_j < block_i:
         raise ValueError(f"block_j ({block_j}) must be >= block_i ({block_i}): a panel's diagonal is one block")
-    parts = num_parts(rows, n_cols, block_i, student.device) if parts is None else parts
+    parts = num_parts(rows, num_classes, block_i, student.device) if parts is None else parts
     if not 1 <= parts <= MAX_PARTS:
         raise ValueError(f"parts must be in [1, MAX_PARTS = {MAX_PARTS}], got {parts}")
     k_hi = struct.unpack("f", struct.pack("f", k))[0]  # k rounded to float32; k_hi + k_lo holds k to 48 bits
     k_lo = k - k_hi
 
     loss = student.new_empty((rows,), dtype=acc_dtype)
-    grad_s = student.new_empty((rows, n_cols) if grad_student else (0,), dtype=acc_dtype)
-    grad_t = student.new_empty((rows, n_cols) if grad_teacher else (0,), dtype=acc_dtype)
+    grad_s = student.new_empty((rows, num_classes) if grad_student else (0,), dtype=acc_dtype)
+    grad_t = student.new_empty((rows, num_classes) if grad_teacher else (0,), dtype=acc_dtype)
     if parts == 1:  # the kernel writes the results directly
         loss_out, grad_s_out, grad_t_out, loss_base = loss, grad_s, grad_t, 1.0
     else:
         loss_out = student.new_empty((rows, parts), dtype=acc_dtype)
-        grad_s_out = student.new_empty((rows, parts, n_cols) if grad_student else (0,), dtype=acc_dtype)
-        grad_t_out = student.new_empty((rows, parts, n_cols) if grad_teacher else (0,), dtype=acc_dtype)
+        grad_s_out = student.new_empty((rows, parts, num_classes) if grad_student else (0,), dtype=acc_dtype)
+        grad_t_out = student.new_empty((rows, parts, num_classes) if grad_teacher else (0,), dtype=acc_dtype)
         loss_base = 0.0
 
     # Interpreted kernels need (and, in older torch, accept) no wrapping; the op is then an opaque custom op.
@@ -362,20 +337,21 @@ def kendall_rank(student, teacher, k, sign_teacher, grad_student, grad_teacher, 
     # Triton launches on the current CUDA device, which need not be the tensors'.
     with torch.cuda.device(student.device) if student.is_cuda else contextlib.nullcontext():
         pairs_kernel[(rows, parts)](
-            student, teacher, loss_out, grad_s_out, grad_t_out, n_cols, loss_base, k_hi, k_lo,
-            SIGN_TEACHER=sign_teacher, GRAD_S=grad_student, GRAD_T=grad_teacher, FAST_TANH=fast_tanh,
+            student, teacher, loss_out, grad_s_out, grad_t_out, num_classes, loss_base, k_hi, k_lo,
+            TEACHER_MODE_SIGN=teacher_mode == "sign", GRAD_S=grad_student, GRAD_T=grad_teacher,
+            PRECISION_FAST=precision_fast,
             BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps, num_stages=1)
         if parts > 1:
-            sum_kernel[(rows, triton.cdiv(n_cols, _SUM_BLOCK_C))](
-                loss_out, grad_s_out, grad_t_out, loss, grad_s, grad_t, n_cols, parts,
+            sum_kernel[(rows, triton.cdiv(num_classes, _SUM_BLOCK_C))](
+                loss_out, grad_s_out, grad_t_out, loss, grad_s, grad_t, num_classes, parts,
                 GRAD_S=grad_student, GRAD_T=grad_teacher, BLOCK_PARTS=triton.next_power_of_2(parts),
                 BLOCK_C=_SUM_BLOCK_C, num_warps=4)
     return loss, grad_s, grad_t
 
 
-def _kendall_rank_triton(student: torch.Tensor, teacher: torch.Tensor, k: float, sign_teacher: bool,
+def _kendall_rank_triton(student: torch.Tensor, teacher: torch.Tensor, k: float, teacher_mode: str, precision: str,
                          grad_student: bool, grad_teacher: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return kendall_rank(student, teacher, k, sign_teacher, grad_student, grad_teacher)
+    return kendall_rank(student, teacher, k, teacher_mode, precision, grad_student, grad_teacher)
 
 
 # triton_op lets torch.compile see (and schedule) the kernels. The interpreter runs kernels as Python on real
