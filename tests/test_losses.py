@@ -7,11 +7,8 @@ import pytest
 import torch
 
 import rankkd
+from conftest import logits
 from rankkd import losses
-
-
-def logits(batch, classes, scale=3.0, dtype=torch.float64, requires_grad=False):
-    return (scale * torch.randn(batch, classes, dtype=dtype)).requires_grad_(requires_grad)
 
 
 def softmax_np(z):
