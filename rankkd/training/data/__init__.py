@@ -20,6 +20,7 @@ from typing import Protocol
 
 import torch
 
+from rankkd.training.data.dali import RAND_AUGMENT_MAX_MAGNITUDE
 from rankkd.training.data.demo import DEMO_IMAGE_SIZE, DEMO_NUM_CLASSES, prepare_demo
 from rankkd.training.data.folder import BadImageError, ImageFolderError, list_image_folder
 from rankkd.training.data.synthetic import SyntheticLoader
@@ -91,7 +92,9 @@ def _resolve_backend(backend: str) -> str:
 def make_loaders(root: str | os.PathLike, *, batch_size: int, image_size: int = 224, rank: int = 0,
                  world_size: int = 1, device: torch.device | str = "cpu", seed: int = 0, backend: str = "auto",
                  num_threads: int = 4, channels_last: bool = True, min_scale: float = 0.08, hflip: bool = True,
-                 val_resize_ratio: float = 256 / 224, decode_device: str = "auto") -> DataLoaders:
+                 val_resize_ratio: float = 256 / 224, decode_device: str = "auto", rand_augment_ops: int = 0,
+                 rand_augment_magnitude: float = 9.0, rand_augment_magnitude_std: float = 0.5,
+                 random_erasing: float = 0.0, repeats: int = 1) -> DataLoaders:
     """Train and val loaders for this rank over the ImageFolder tree at `root`.
 
     train: random-resized-crop (area min_scale..1, aspect 3/4..4/3) resized to image_size, random horizontal flip
@@ -104,6 +107,15 @@ def make_loaders(root: str | os.PathLike, *, batch_size: int, image_size: int = 
     "cpu" forces CPU decoding (results are then copied to `device`); "gpu" requires a CUDA `device`.
     num_threads: DALI's CPU threads, or the torchvision backend's DataLoader worker processes (per loader).
 
+    DeiT's training augmentations, all off by default (DeiT: 2, 9, 0.5, 0.25, 3):
+    rand_augment_ops: RandAugment layers per train image (0: off), at rand_augment_magnitude on timm's 0..10 scale.
+        DALI: timm's "rand-m{magnitude}-mstd{magnitude_std}-inc1" (see dali.py for what differs); torchvision:
+        transforms.v2.RandAugment(num_ops, magnitude, 11 bins), which has no magnitude noise (magnitude_std unused).
+    random_erasing: probability per train image of erasing one random rectangle with N(0, 1) noise, after
+        normalization (timm's mode "pixel").
+    repeats: repeated augmentation (DeiT's RASampler): every image of an epoch is read `repeats` times, the copies
+        dealt to different ranks; the epoch keeps its length. Validation is unaffected.
+
     The tree is checked up front: a missing train/ or val/, a class folder without images, or class folders that
     differ between train/ and val/ raise an error naming the path. A file that does not decode raises
     BadImageError naming it when its batch is reached.
@@ -113,7 +125,13 @@ def make_loaders(root: str | os.PathLike, *, batch_size: int, image_size: int = 
               ("rank", rank, 0 <= rank < world_size, f"in [0, world_size={world_size})"),
               ("seed", seed, seed >= 0, ">= 0"), ("num_threads", num_threads, num_threads >= 1, ">= 1"),
               ("min_scale", min_scale, 0 < min_scale <= 1, "in (0, 1]"),
-              ("val_resize_ratio", val_resize_ratio, val_resize_ratio >= 1, ">= 1")]
+              ("val_resize_ratio", val_resize_ratio, val_resize_ratio >= 1, ">= 1"),
+              ("rand_augment_ops", rand_augment_ops, rand_augment_ops >= 0, ">= 0"),
+              ("rand_augment_magnitude", rand_augment_magnitude,
+               0 <= rand_augment_magnitude <= RAND_AUGMENT_MAX_MAGNITUDE, f"in [0, {RAND_AUGMENT_MAX_MAGNITUDE}]"),
+              ("rand_augment_magnitude_std", rand_augment_magnitude_std, rand_augment_magnitude_std >= 0, ">= 0"),
+              ("random_erasing", random_erasing, 0 <= random_erasing <= 1, "in [0, 1]"),
+              ("repeats", repeats, repeats >= 1, ">= 1")]
     for name, value, ok, requirement in checks:
         if not ok:
             raise ValueError(f"make_loaders: {name} must be {requirement}, got {value!r}")
@@ -128,6 +146,8 @@ def make_loaders(root: str | os.PathLike, *, batch_size: int, image_size: int = 
     resize_shorter = round(image_size * val_resize_ratio)
     common = {"batch_size": batch_size, "image_size": image_size, "rank": rank, "world_size": world_size,
               "device": device, "channels_last": channels_last}
+    augment = {"min_scale": min_scale, "hflip": hflip, "rand_augment_ops": rand_augment_ops,
+               "rand_augment_magnitude": rand_augment_magnitude, "random_erasing": random_erasing, "repeats": repeats}
 
     if backend == "dali":
         from rankkd.training.data.dali import DaliTrainLoader, DaliValLoader
@@ -136,7 +156,7 @@ def make_loaders(root: str | os.PathLike, *, batch_size: int, image_size: int = 
             raise ValueError(f"decode_device='gpu' needs a CUDA device, got device={device}")
         decode_on_gpu = device.type == "cuda" and decode_device != "cpu"
         train = DaliTrainLoader(listing.train, seed=seed, num_threads=num_threads, decode_on_gpu=decode_on_gpu,
-                                min_scale=min_scale, hflip=hflip, **common)
+                                rand_augment_magnitude_std=rand_augment_magnitude_std, **augment, **common)
         val = DaliValLoader(listing.val, resize_shorter=resize_shorter, num_threads=num_threads,
                             decode_on_gpu=decode_on_gpu, **common)
     else:
@@ -144,8 +164,7 @@ def make_loaders(root: str | os.PathLike, *, batch_size: int, image_size: int = 
 
         if decode_device == "gpu":
             raise ValueError("decode_device='gpu' needs backend='dali'; the torchvision fallback decodes on the CPU")
-        train = TorchvisionTrainLoader(listing.train, seed=seed, num_workers=num_threads, min_scale=min_scale,
-                                       hflip=hflip, **common)
+        train = TorchvisionTrainLoader(listing.train, seed=seed, num_workers=num_threads, **augment, **common)
         val = TorchvisionValLoader(listing.val, resize_shorter=resize_shorter, num_workers=num_threads, **common)
     return DataLoaders(train=train, val=val, num_classes=len(listing.classes), classes=listing.classes)
 

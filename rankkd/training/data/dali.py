@@ -11,9 +11,25 @@ what an uninterrupted run reads there. DALI's reader-side shuffling
 (random_shuffle, shuffle_after_epoch) would tie an epoch's order to the reader's history instead. Building costs
 milliseconds for small sets and 1-2 s for an ImageNet-sized list of 1.28M files (measured on 2 CPU cores), once per
 epoch.
+
+DeiT's training augmentations, both optional and run per sample inside the train pipeline (on the GPU when it
+decodes there), from DALI's per-sample random numbers, so they too depend on (seed, epoch, rank) alone:
+
+- RandAugment as timm's "rand-m9-mstd0.5-inc1" (what DeiT trains with), built from DALI's automatic-augmentation
+  operations (nvidia.dali.auto_aug): each image gets `num_ops` layers; a layer picks one of timm's 15 "increasing"
+  operations uniformly, applies it with probability 0.5, at a magnitude drawn per image and layer from
+  N(magnitude, magnitude_std) clipped to timm's 0..10 scale, with a random sign for the signed operations. The
+  operations and their ranges at magnitude 10 are timm's: auto-contrast, equalize, invert, rotate 30 degrees,
+  posterize to 4..0 bits, solarize at threshold 256..0, solarize-add of 0..110, colour / contrast / brightness /
+  sharpness factors 1 +- 0.9, shear 0.3, translate 0.45 of the image side. Runs on the resized uint8 crop, before
+  the flip (which commutes with it in distribution: every geometric operation's sign is random).
+- Random erasing as timm's RandomErasing(mode="pixel") and torchvision's RandomErasing(value="random"): with
+  probability p per image, one rectangle of 2%..1/3 of the image area and aspect ratio 0.3..1/0.3 (log-uniform) at a
+  uniformly random position is replaced by N(0, 1) noise per pixel and channel, on the normalized image.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -37,6 +53,20 @@ _HW_DECODER_HEIGHT_HINT = 6430
 # go through nvJPEG's CUDA path so that both work at once. 0.65 is DALI's own measured default, stated here because
 # it is a tuning knob of this pipeline.
 _HW_DECODER_LOAD = 0.65
+
+# RandAugment magnitudes are on timm's scale, 0..10, resolved to 0.1: DALI maps a magnitude bin b of
+# _MAGNITUDE_BINS to the fraction b / (_MAGNITUDE_BINS - 1) of each operation's range, as timm maps magnitude m to
+# m / 10.
+RAND_AUGMENT_MAX_MAGNITUDE = 10
+_MAGNITUDE_BINS_PER_UNIT = 10
+_MAGNITUDE_BINS = RAND_AUGMENT_MAX_MAGNITUDE * _MAGNITUDE_BINS_PER_UNIT + 1
+_RAND_AUGMENT_OP_PROBABILITY = 0.5  # timm's RandAugment applies each chosen operation with probability 0.5
+# What the geometric operations fill uncovered pixels with: DALI takes one value for all channels; timm fills with
+# the ImageNet mean, (124, 116, 104).
+_RAND_AUGMENT_FILL = 128
+# Random erasing's rectangle: area as a fraction of the image, and aspect ratio (timm's and torchvision's defaults).
+RANDOM_ERASING_SCALE = (0.02, 1 / 3)
+RANDOM_ERASING_RATIO = (0.3, 1 / 0.3)
 
 
 def dali_available() -> bool:
@@ -75,7 +105,71 @@ def _read(files: list[str], labels: list[int], decode_on_gpu: bool):
     return encoded, (labels.gpu() if decode_on_gpu else labels)
 
 
-def _train_graph(files, labels, *, image_size, min_scale, hflip, channels_last, decode_on_gpu):
+def _rand_augment_suite():
+    """timm's RandAugment "increasing" operations (_RAND_INCREASING_TRANSFORMS) with timm's ranges, as DALI
+    augmentations; the ones whose range differs from DALI's default are re-ranged."""
+    from nvidia.dali.auto_aug import augmentations as aug
+
+    return [aug.auto_contrast, aug.equalize, aug.invert, aug.rotate,
+            # Bits kept, 4 down to 0 as the magnitude grows; DALI keeps at least 1 bit where timm would keep 0
+            # (magnitude 10 only).
+            aug.posterize.augmentation(mag_range=(4, 0)),
+            aug.solarize, aug.solarize_add, aug.color, aug.contrast, aug.brightness, aug.sharpness,
+            aug.shear_x, aug.shear_y,
+            aug.translate_x.augmentation(mag_range=(0, 0.45)), aug.translate_y.augmentation(mag_range=(0, 0.45))]
+
+
+def _rand_augment(images, *, num_ops: int, magnitude: float, magnitude_std: float, image_size: int):
+    """RandAugment on a batch of uint8 HWC images of image_size x image_size (needs enable_conditionals)."""
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dali_math
+    from nvidia.dali.auto_aug.core import select, signed_bin
+
+    suite = _rand_augment_suite()
+    for _ in range(num_ops):
+        operation = fn.random.uniform(values=list(range(len(suite))), dtype=types.INT32)
+        if magnitude_std > 0:
+            level = dali_math.clamp(fn.random.normal(mean=magnitude, stddev=magnitude_std), 0,
+                                    RAND_AUGMENT_MAX_MAGNITUDE)
+            magnitude_bin = fn.cast(level * _MAGNITUDE_BINS_PER_UNIT, dtype=types.INT32)  # casts round
+        else:
+            magnitude_bin = round(magnitude * _MAGNITUDE_BINS_PER_UNIT)
+        if fn.random.coin_flip(probability=_RAND_AUGMENT_OP_PROBABILITY):
+            images = select(suite, operation, images, magnitude_bin=signed_bin(magnitude_bin),
+                            num_magnitude_bins=_MAGNITUDE_BINS, shape=(image_size, image_size),
+                            fill_value=_RAND_AUGMENT_FILL, interp_type=types.INTERP_LINEAR)
+    return images
+
+
+def _random_erasing(images, *, probability: float, image_size: int, layout: str):
+    """Random erasing of normalized float images of `layout` "HWC" or "CHW" (needs enable_conditionals).
+
+    timm and torchvision redraw a rectangle that does not fit inside the image (up to 10 times); here a side that
+    would reach the image's size is clamped to size - 1 instead, which changes about 0.3% of the draws.
+    """
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dali_math
+
+    area = fn.random.uniform(range=[RANDOM_ERASING_SCALE[0] * image_size**2, RANDOM_ERASING_SCALE[1] * image_size**2])
+    aspect = dali_math.exp(fn.random.uniform(range=[math.log(RANDOM_ERASING_RATIO[0]),
+                                                    math.log(RANDOM_ERASING_RATIO[1])]))
+    # Sides rounded to whole pixels (DALI's float-to-int cast rounds to nearest), as timm and torchvision do.
+    height = dali_math.min(fn.cast(dali_math.sqrt(area * aspect), dtype=types.INT32), image_size - 1)
+    width = dali_math.min(fn.cast(dali_math.sqrt(area / aspect), dtype=types.INT32), image_size - 1)
+    # Uniform integers in [0, image_size - side]: uniform draws in [0, 1) scaled and floored.
+    top = dali_math.floor(fn.random.uniform(range=[0, 1]) * (image_size - height + 1))
+    left = dali_math.floor(fn.random.uniform(range=[0, 1]) * (image_size - width + 1))
+    if fn.random.coin_flip(probability=probability):
+        region = {"anchor": fn.stack(top, left),
+                  "shape": fn.cast(fn.stack(height, width), dtype=types.FLOAT), "axis_names": "HW"}
+        # fn.erase fills with a constant; the noise is added back only inside the rectangle.
+        noise = fn.reshape(fn.random.normal(images), layout=layout)
+        images = fn.erase(images, fill_value=0, **region) + noise - fn.erase(noise, fill_value=0, **region)
+    return images
+
+
+def _train_graph(files, labels, *, image_size, min_scale, hflip, rand_augment_ops, rand_augment_magnitude,
+                 rand_augment_magnitude_std, random_erasing, channels_last, decode_on_gpu):
     from nvidia.dali import fn, types
 
     encoded, labels = _read(files, labels, decode_on_gpu)
@@ -85,8 +179,15 @@ def _train_graph(files, labels, *, image_size, min_scale, hflip, channels_last, 
                                            **_decoder_args(decode_on_gpu))
     images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR,
                        antialias=True)
+    if rand_augment_ops:
+        images = _rand_augment(images, num_ops=rand_augment_ops, magnitude=rand_augment_magnitude,
+                               magnitude_std=rand_augment_magnitude_std, image_size=image_size)
     mirror = fn.random.coin_flip(probability=0.5) if hflip else False
-    return _normalize(images, channels_last=channels_last, mirror=mirror), labels
+    images = _normalize(images, channels_last=channels_last, mirror=mirror)
+    if random_erasing:
+        images = _random_erasing(images, probability=random_erasing, image_size=image_size,
+                                 layout="HWC" if channels_last else "CHW")
+    return images, labels
 
 
 def _val_graph(files, labels, *, image_size, resize_shorter, channels_last, decode_on_gpu):
@@ -99,20 +200,22 @@ def _val_graph(files, labels, *, image_size, resize_shorter, channels_last, deco
 
 
 def _run_pipeline(graph, graph_args: dict, files: list[str], labels: list[int], *, batch_size: int,
-                  num_threads: int, device: torch.device, decode_on_gpu: bool, seed: int,
-                  channels_last: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Builds one pipeline over `files` and yields its (images, labels) once through, trimming the padded tail."""
-    from nvidia.dali import Pipeline
+                  num_threads: int, device: torch.device, decode_on_gpu: bool, seed: int, channels_last: bool,
+                  conditionals: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Builds one pipeline over `files` and yields its (images, labels) once through, trimming the padded tail.
+
+    conditionals: trace `graph` with DALI's conditionals (per-sample `if` on DataNodes), which the automatic
+    augmentations and random erasing use."""
+    from nvidia.dali import pipeline_def
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
     if not files:
         return
     # A shard smaller than one batch gets a smaller pipeline batch rather than a batch mostly made of padding.
-    pipeline = Pipeline(batch_size=min(batch_size, len(files)), num_threads=num_threads, seed=seed,
-                        device_id=device.index if decode_on_gpu else None, prefetch_queue_depth=_PREFETCH_DEPTH)
-    with pipeline:
-        pipeline.set_outputs(*graph(files, labels, channels_last=channels_last, decode_on_gpu=decode_on_gpu,
-                                    **graph_args))
+    pipeline = pipeline_def(graph, enable_conditionals=conditionals)(
+        files, labels, channels_last=channels_last, decode_on_gpu=decode_on_gpu, **graph_args,
+        batch_size=min(batch_size, len(files)), num_threads=num_threads, seed=seed,
+        device_id=device.index if decode_on_gpu else None, prefetch_queue_depth=_PREFETCH_DEPTH)
     batches_done = 0
     try:
         # Building the iterator builds the pipeline and starts decoding the first batches.
@@ -143,14 +246,20 @@ class DaliTrainLoader(TrainShard):
 
     def __init__(self, listing: SplitListing, *, batch_size: int, image_size: int, rank: int, world_size: int,
                  device: torch.device, decode_on_gpu: bool, seed: int, num_threads: int, channels_last: bool,
-                 min_scale: float, hflip: bool):
-        super().__init__(len(listing), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
+                 min_scale: float, hflip: bool, rand_augment_ops: int = 0, rand_augment_magnitude: float = 9.0,
+                 rand_augment_magnitude_std: float = 0.5, random_erasing: float = 0.0, repeats: int = 1):
+        super().__init__(len(listing), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+                         repeats=repeats)
         self._listing = listing
         self._device = device
         self._decode_on_gpu = decode_on_gpu
         self._num_threads = num_threads
         self._channels_last = channels_last
-        self._graph_args = {"image_size": image_size, "min_scale": min_scale, "hflip": hflip}
+        self._graph_args = {"image_size": image_size, "min_scale": min_scale, "hflip": hflip,
+                            "rand_augment_ops": rand_augment_ops, "rand_augment_magnitude": rand_augment_magnitude,
+                            "rand_augment_magnitude_std": rand_augment_magnitude_std,
+                            "random_erasing": random_erasing}
+        self._conditionals = rand_augment_ops > 0 or random_erasing > 0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices = self.epoch_indices()
@@ -158,7 +267,8 @@ class DaliTrainLoader(TrainShard):
         labels = [self._listing.labels[i] for i in indices]
         return _run_pipeline(_train_graph, self._graph_args, files, labels, batch_size=self._batch_size,
                              num_threads=self._num_threads, device=self._device, decode_on_gpu=self._decode_on_gpu,
-                             seed=self.epoch_augmentation_seed(), channels_last=self._channels_last)
+                             seed=self.epoch_augmentation_seed(), channels_last=self._channels_last,
+                             conditionals=self._conditionals)
 
 
 class DaliValLoader:

@@ -4,6 +4,9 @@ Same files, sharding, transforms (up to the resampling kernels' rounding) and ou
 Determinism: every training sample carries its own augmentation seed, drawn from (seed, epoch, rank) and its
 position in the epoch, and its transform runs under that seed; so an epoch's batches do not depend on the number
 of workers, on which worker took which batch, or on earlier epochs.
+
+DeiT's augmentations here are torchvision's own (transforms.v2): RandAugment (its operation set, without magnitude
+noise or timm's per-operation probability: see make_loaders) and RandomErasing with value "random".
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from rankkd.training.data.dali import RANDOM_ERASING_RATIO, RANDOM_ERASING_SCALE
 from rankkd.training.data.folder import BadImageError, SplitListing
 from rankkd.training.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from rankkd.training.data.sharding import TrainShard, val_shard_indices
@@ -100,18 +104,33 @@ class TorchvisionTrainLoader(TrainShard):
 
     def __init__(self, listing: SplitListing, *, batch_size: int, image_size: int, rank: int, world_size: int,
                  device: torch.device, seed: int, num_workers: int, channels_last: bool, min_scale: float,
-                 hflip: bool):
+                 hflip: bool, rand_augment_ops: int = 0, rand_augment_magnitude: float = 9.0,
+                 random_erasing: float = 0.0, repeats: int = 1):
         from torchvision import transforms
+        from torchvision.transforms import v2
 
+        bilinear = transforms.InterpolationMode.BILINEAR
         augment = [transforms.RandomResizedCrop(image_size, scale=(min_scale, 1.0), ratio=(3 / 4, 4 / 3),
-                                                interpolation=transforms.InterpolationMode.BILINEAR, antialias=True)]
+                                                interpolation=bilinear, antialias=True)]
         if hflip:
             augment.append(transforms.RandomHorizontalFlip())
-        super().__init__(len(listing), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
+        if rand_augment_ops:
+            # 101 bins: bin b is b / 100 of each operation's range, timm's magnitude b / 10 on its 0..10 scale.
+            # Uncovered pixels are filled with the mean colour, as timm does.
+            augment.append(v2.RandAugment(num_ops=rand_augment_ops, magnitude=round(rand_augment_magnitude * 10),
+                                          num_magnitude_bins=101, interpolation=bilinear,
+                                          fill=[round(255 * m) for m in IMAGENET_MEAN]))
+        erase = []
+        if random_erasing:
+            erase.append(v2.RandomErasing(p=random_erasing, scale=RANDOM_ERASING_SCALE, ratio=RANDOM_ERASING_RATIO,
+                                          value="random"))
+        super().__init__(len(listing), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+                         repeats=repeats)
         self._device = device
         self._channels_last = channels_last
         self._keys = _Keys([])
-        self._batches = _make_loader(_ImageFiles(listing, transforms.Compose(augment + _normalize_transforms())),
+        transform = transforms.Compose(augment + _normalize_transforms() + erase)
+        self._batches = _make_loader(_ImageFiles(listing, transform),
                                      self._keys, batch_size=batch_size, num_workers=num_workers, device=device,
                                      channels_last=channels_last, drop_last=True)
 
