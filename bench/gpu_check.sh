@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check, in one run on a GPU machine with torch preinstalled:
 #   bash bench/gpu_check.sh [OUTDIR]     (default OUTDIR: bench/results)
-# builds rankkd (CUDA kernels for this GPU), runs the GPU tests, bench/loss_bench.py (fp32 and bf16) and the trainer's
-# synthetic ResNet-34 -> ResNet-18 KD + ranking-loss throughput run, and writes the logs and result files into OUTDIR.
-# Each step has its own time limit; together they stay under 8 minutes on one H100. A failing step is reported and
-# the rest still run; the exit status says whether all passed. Everything printed goes to OUTDIR/gpu_check.log, beside
-# the result files (at most 8 files: what the device tool brings back).
+# builds rankkd (CUDA kernels for this GPU), runs the GPU tests, bench/loss_bench.py (fp32 and bf16 with the default
+# precision "fast", fp32 with precision "exact") and the trainer's synthetic ResNet-34 -> ResNet-18 KD + ranking-loss
+# throughput run, and writes the logs and result files into OUTDIR. Each step has its own time limit; the limits add
+# up to under 9 minutes. A failing step is reported and the rest still run; the exit status says whether all passed.
+# Everything printed goes to OUTDIR/gpu_check.log, beside the result files (at most 8 files: what the device tool
+# brings back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(mkdir -p "${1:-bench/results}" && cd "${1:-bench/results}" && pwd)
@@ -37,16 +38,14 @@ log=$out/gpu_check.log
 cat "$log"
 
 step build 90 env MAX_JOBS=16 python setup.py develop
-step tests 150 python -m pytest -q -x tests/test_kendall.py tests/test_triton.py tests/test_cuda.py tests/test_losses.py \
+step tests 210 python -m pytest -q -x tests/test_kendall.py tests/test_triton.py tests/test_cuda.py tests/test_losses.py \
   tests/test_distill.py
 step bench_fp32 90 python bench/loss_bench.py --device cuda --dtype float32 --json "$out/loss_cuda_float32.json"
 step bench_bf16 30 python bench/loss_bench.py --device cuda --dtype bfloat16 --shapes 512x1000,64x4096 \
   --backends cuda,triton --json "$out/loss_cuda_bfloat16.json"
-# The other kernel variants (chosen at import by environment variables), fp32, against the defaults above.
-step bench_mixed_exact 20 env RANKKD_CUDA_VARIANT=mixed RANKKD_TRITON_EXACT_TANH=1 python bench/loss_bench.py \
-  --device cuda --shapes 512x1000,64x4096 --backends cuda,triton --json "$out/loss_cuda_cuda-mixed_triton-exact.json"
-step bench_exact 20 env RANKKD_CUDA_VARIANT=exact python bench/loss_bench.py --device cuda --shapes 512x1000,64x4096 \
-  --backends cuda --json "$out/loss_cuda_cuda-exact.json"
+# precision "exact" (full float32 math) against the "fast" default above, fp32, both GPU backends.
+step bench_exact 30 python bench/loss_bench.py --device cuda --dtype float32 --precision exact \
+  --shapes 512x1000,64x4096 --backends cuda,triton --json "$out/loss_cuda_float32_exact.json"
 
 # Images/s of the whole training step (teacher, student, losses) without I/O; metrics.jsonl's train_img_s leaves the
 # first logging interval (compilation, warm-up) out. The run folder stays outside OUTDIR: its checkpoints are large.

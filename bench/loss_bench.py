@@ -1,21 +1,22 @@
 """Speed and memory of every rankkd.kendall_rank_loss backend against the plain PyTorch reference.
 
     python bench/loss_bench.py [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--shapes 64x100,128x1000]
-                               [--topk K] [--repeats N] [--backends cuda,triton,...] [--json PATH]
+                               [--topk K] [--precision fast|exact] [--repeats N] [--backends cuda,triton,...]
+                               [--json PATH]
 
 Times forward+backward (median over repeats) of each available backend, of rankkd.reference eagerly, and of
 torch.compile(rankkd.reference); reports the peak extra memory of each and its speedup over both baselines. On CUDA
 it also measures the chip's tanh throughput (tanh.approx.f32) in the same run and gives each time as a multiple of
 the floor: 2 tanh per unordered pair. Results (with device, versions and date) go to bench/results/.
 
-The kernel variants are chosen by environment variables read at import, so compare them run by run, e.g.
-RANKKD_CUDA_VARIANT=exact or RANKKD_TRITON_EXACT_TANH=1 with --backends cuda,triton; the report records them.
+--precision is the op's precision argument: "fast" (default) lets the GPU backends use the hardware tanh, "exact" asks
+for full float32 math; the CPU kernel and the reference are always exact. The report records it.
 """
 import argparse
 import datetime
 import json
-import os
 import platform
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 
 import rankkd
 from rankkd import reference
+from rankkd.ops import PRECISIONS
 
 DEFAULT_SHAPES = "64x100,128x1000,512x1000,64x4096,32x8x1000"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -153,6 +155,8 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma-separated (default {DEFAULT_SHAPES})")
     parser.add_argument("--topk", type=int, default=None)
+    parser.add_argument("--precision", default="fast", choices=PRECISIONS,
+                        help="the op's precision for the fused backends (default fast)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default: 20 CUDA, 5 CPU)")
     parser.add_argument("--backends", default=None,
                         help="comma-separated subset of the fused backends and reference, reference+compile "
@@ -175,7 +179,8 @@ def main():
 
     fused = [name for name in rankkd.available_backends(device) if name != "reference"]
     compiled_reference = torch.compile(reference.kendall_rank_loss, dynamic=False)
-    candidates = {name: (lambda s, t, name=name: rankkd.kendall_rank_loss(s, t, topk=args.topk, backend=name))
+    candidates = {name: (lambda s, t, name=name: rankkd.kendall_rank_loss(s, t, topk=args.topk,
+                                                                          precision=args.precision, backend=name))
                   for name in fused}
     candidates["reference"] = lambda s, t: reference.kendall_rank_loss(s, t, topk=args.topk)
     candidates["reference+compile"] = lambda s, t: compiled_reference(s, t, topk=args.topk)
@@ -188,7 +193,8 @@ def main():
 
     results = []
     header = f"{'shape':>12} {'backend':>18} {'ms':>10} {'peak MiB':>10} {'x eager':>8} {'x compile':>9} {'x floor':>8}"
-    print(f"{device_name}, torch {torch.__version__}, {args.dtype}, forward+backward, median of {repeats}")
+    print(f"{device_name}, torch {torch.__version__}, {args.dtype}, precision {args.precision}, forward+backward, "
+          f"median of {repeats}")
     print(header)
     for shape in shapes:
         rows, num_classes = rows_and_classes(shape)
@@ -226,13 +232,13 @@ def main():
     stamp = datetime.datetime.now(datetime.timezone.utc)
     report = {
         "date": stamp.isoformat(timespec="seconds"), "device": device_name, "device_type": device.type,
-        "dtype": args.dtype, "topk": args.topk, "repeats": repeats, "torch": torch.__version__,
+        "dtype": args.dtype, "precision": args.precision, "topk": args.topk, "repeats": repeats,
+        "torch": torch.__version__,
         "cuda": torch.version.cuda, "triton": _version("triton"), "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(), "tanh_per_s": tanh_rate, "shapes": results,
-        "variants": {name: os.environ.get(name) for name in ("RANKKD_CUDA_VARIANT", "RANKKD_TRITON_EXACT_TANH")},
-        "command": "python bench/loss_bench.py " + " ".join(os.sys.argv[1:]),
+        "command": "python bench/loss_bench.py " + " ".join(sys.argv[1:]),
     }
-    path = args.json or RESULTS_DIR / f"loss_{device.type}_{args.dtype}_{stamp:%Y%m%d}.json"
+    path = args.json or RESULTS_DIR / f"loss_{device.type}_{args.dtype}_{args.precision}_{stamp:%Y%m%d}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")
