@@ -245,6 +245,8 @@ BACKEND_CASES = [(device, backend) for device in DEVICES for backend in rankkd.a
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES, ids=[f"{d}-{b}" for d, b in BACKEND_CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+# k = 3.4e38 times a logit difference overflows to inf, which tanh takes to +-1: the Triton interpreter's numpy warns.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_every_backend_accepts_and_rejects_the_same_k(device, backend, dtype):
     student, teacher = logits(3, 6, device=device, dtype=dtype), logits(3, 6, device=device, dtype=dtype)
     for k in K_ACCEPTED:
@@ -289,8 +291,13 @@ def test_fused_ops_check_their_string_arguments(op_name, device, argument, call)
 DOUBLE_BACKWARD_BACKENDS = [b for b in rankkd.available_backends("cpu") if b != "reference"]
 
 
-@pytest.mark.parametrize("backend", DOUBLE_BACKWARD_BACKENDS)
-@pytest.mark.parametrize("num_classes", [2, 3, 17])
+# The double-backward formula is one Python function for every fused op. Triton on CPU tensors is its interpreter,
+# whose forward is slow: it runs the smaller shapes only.
+GRADGRAD_CASES = [(backend, num_classes) for backend in DOUBLE_BACKWARD_BACKENDS for num_classes in (2, 3, 17)
+                  if not (backend == "triton" and num_classes == 17)]
+
+
+@pytest.mark.parametrize("backend,num_classes", GRADGRAD_CASES, ids=[f"{b}-C{c}" for b, c in GRADGRAD_CASES])
 @pytest.mark.parametrize("teacher_mode", ["tanh", "sign"])
 @pytest.mark.parametrize("teacher_requires_grad", [False, True])
 def test_double_backward_gradgradcheck(backend, num_classes, teacher_mode, teacher_requires_grad):
