@@ -16,7 +16,8 @@ import torch
 from rankkd import models
 from rankkd.training.data import prepare_demo
 from rankkd.distill import DistillConfig, Distiller
-from rankkd.training.utils import learning_rate, save_checkpoint
+from rankkd.training.loop import resolve_for_device, teacher_cache_folder
+from rankkd.training.utils import DistEnv, learning_rate, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINER = REPO / "train" / "imagenet.py"
@@ -154,12 +155,17 @@ def test_synthetic_data_times_the_step(cache, tmp_path):
 
 
 @pytest.fixture
-def trainer_main(cache, monkeypatch):
-    """train/imagenet.py's main(), called in this process (it sets torch's thread count: restored afterwards)."""
+def trainer_module(cache, monkeypatch):
+    """train/imagenet.py's functions, called in this process (main() sets torch's thread count: restored after)."""
     monkeypatch.setenv("RANKKD_CACHE", str(cache))
     threads = torch.get_num_threads()
-    yield runpy.run_path(str(TRAINER))["main"]
+    yield runpy.run_path(str(TRAINER))
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def trainer_main(trainer_module):
+    return trainer_module["main"]
 
 
 def bad_teacher_checkpoints(folder):
@@ -170,7 +176,8 @@ def bad_teacher_checkpoints(folder):
     return wrong_classes, garbage
 
 
-@pytest.mark.parametrize("case", ["arch", "method", "data", "classes", "teacher file", "resume file", "existing run"])
+@pytest.mark.parametrize("case", ["arch", "method", "data", "classes", "teacher file", "resume file", "existing run",
+                                  "topk", "backend", "workers", "lr", "out"])
 def test_bad_arguments_fail_before_any_work(trainer_main, tmp_path, capsys, case):
     wrong_classes, garbage = bad_teacher_checkpoints(tmp_path)
     out = tmp_path / "run"
@@ -182,6 +189,11 @@ def test_bad_arguments_fail_before_any_work(trainer_main, tmp_path, capsys, case
         "teacher file": (["--teacher-weights", str(garbage)], "cannot read checkpoint"),
         "resume file": (["--resume", "auto"], "cannot read checkpoint"),
         "existing run": ([], "already holds a run"),
+        "topk": (["--rank-topk", "11"], "--rank-topk 11 is more than the 10 classes"),
+        "backend": (["--rank-backend", "cuda"], "--rank-backend cuda does not run on cpu tensors"),
+        "workers": (["--workers", "0"], "--workers must be >= 1, got 0"),
+        "lr": (["--lr", "inf"], "--lr must be a finite number, got inf"),
+        "out": (["--out", str(garbage / "run")], f"--out {garbage / 'run'} is not writable"),
     }[case]
     if case in ("resume file", "existing run"):
         out.mkdir()
@@ -189,8 +201,51 @@ def test_bad_arguments_fail_before_any_work(trainer_main, tmp_path, capsys, case
     with pytest.raises(SystemExit) as stopped:
         trainer_main(["--out", str(out), *args])
     assert stopped.value.code == 2
-    assert message in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error, error
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_second_run_on_the_same_folder_stops_at_once(cache, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, str(TRAINER), *TINY, "--epochs", "50", "--out", str(out)],
+                             env=run_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:  # the first run is under way
+            time.sleep(0.05)
+        second = train(cache, *TINY, "--epochs", "1", "--out", str(out), "--resume", "auto")
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"--out {out} is in use by process {first.pid}" in second.stderr, second.stderr
+        assert first.poll() is None  # the first run was not disturbed
+    finally:
+        first.kill()
+        first.wait()
+    # The kernel dropped the dead run's lock: the folder can be resumed at once.
+    third = train(cache, *TINY, "--epochs", "1", "--out", str(out), "--resume", "auto")
+    assert third.returncode == 0, third.stdout + third.stderr
+
+
+def test_resuming_a_complete_run_says_so(cache, tmp_path):
+    out = tmp_path / "run"
+    assert train(cache, *TINY, "--epochs", "1", "--out", str(out)).returncode == 0
+    result = train(cache, *TINY, "--epochs", "1", "--out", str(out), "--resume", "auto")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "already holds all 1 epochs of this run: nothing to train" in result.stdout
+    assert [record["epoch"] for record in metrics(out)] == [1]
+
+
+def test_teacher_cache_key_covers_every_training_setting(trainer_module):
+    # A teacher trained by 2 processes (another global batch) must not be reused by a run on 1, nor one trained with
+    # another seed or data backend.
+    folders = set()
+    for world_size, extra in ((1, []), (2, []), (1, ["--seed", "1"]), (1, ["--data-backend", "torchvision"])):
+        args = trainer_module["make_parser"]().parse_args(["--student", "demo_cnn_large", *extra])
+        args.recipe = "demo-teacher"
+        cfg = trainer_module["make_config"](args)
+        resolve_for_device(cfg, DistEnv(0, 0, world_size, torch.device("cpu")))
+        folders.add(teacher_cache_folder(cfg))
+    assert len(folders) == 4
 
 
 def test_teacher_checkpoint_formats(tmp_path):
@@ -252,7 +307,7 @@ def test_demo_end_to_end(tmp_path):
     result = subprocess.run([sys.executable, str(TRAINER), "--out", str(tmp_path / "demo")],
                             env=run_env(tmp_path / "cache"), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "training the demo teacher" in result.stdout
+    assert "training the teacher demo_cnn_large first" in result.stdout
     last = metrics(tmp_path / "demo")[-1]
     assert last["val_top1"] >= 90 and last["teacher_top1"] >= 90, last
     print(f"demo: {time.monotonic() - start:.0f}s, teacher {last['teacher_top1']:.2f}, student {last['val_top1']:.2f}")

@@ -69,9 +69,14 @@ def check_arch(name):
                      f"mobilenet_v2, ...).{timm_note}")
 
 
-def build_model(name, num_classes):
-    """A randomly initialised classifier `name` with `num_classes` outputs."""
+def build_model(name, num_classes, *, drop_path_rate=0.0, image_size=None):
+    """A randomly initialised classifier `name` with `num_classes` outputs. For timm models: stochastic depth
+    (drop_path_rate; DeiT trains with 0.1) and, for a ViT, an input size other than its own (image_size sizes the
+    position embeddings)."""
     check_arch(name)
+    is_timm = name not in DEMO_ARCHS and name != "mobilenet_v1" and name not in torchvision_archs()
+    if drop_path_rate and not is_timm:
+        raise ValueError(f"drop_path_rate (stochastic depth) applies to timm models, not {name!r}")
     if name in DEMO_ARCHS:
         widths, convs = DEMO_ARCHS[name]
         return DemoCNN(widths, convs, num_classes)
@@ -83,7 +88,9 @@ def build_model(name, num_classes):
         return torchvision.models.get_model(name, num_classes=num_classes)
     import timm
 
-    return timm.create_model(name, num_classes=num_classes)
+    own_size = timm.models.get_pretrained_cfg(name).input_size[-1]
+    size = {} if image_size in (None, own_size) else {"img_size": image_size}
+    return timm.create_model(name, num_classes=num_classes, drop_path_rate=drop_path_rate, **size)
 
 
 def classifier_of(model):
