@@ -6,7 +6,7 @@ L_base is KD, DKD (with its warm-up) or DIST, or nothing (method "ce"); KD and D
 (logit standardization). rank_weight > 0 switches the ranking loss on, over any of them. The paper sets γ = α (the
 CE weight) unless it says otherwise.
 
-Recipes (RECIPES, get_recipe; cifar100_recipe by pair and method) carry the published loss settings. Each base
+Recipes (LOSS_RECIPES, get_recipe; cifar100_recipe by pair and method) carry the published loss settings. Each base
 recipe <name> has a twin <name>-rank: the same plus the ranking loss at γ = α (the CE weight), except
 deit-kd-rank: γ = 0.5 as the ranking paper sets for DeiT students. Ranking-loss options are the DistillConfig
 defaults (k 1, teacher_mode "tanh", all classes, precision "fast"). "Published" below is the top-1 (%) the
@@ -98,7 +98,7 @@ class DistillConfig:
     """Which distillation loss, its weights and options, and the ranking loss on top (rank_weight > 0).
 
     The field defaults are neutral starting values, not a published setup (e.g. method "dist" by default gets weight
-    1 and T 4, which neither DIST config uses): take published settings from RECIPES / get_recipe."""
+    1 and T 4, which neither DIST config uses): take published settings from LOSS_RECIPES / get_recipe."""
     method: str = "kd"            # "ce" | "kd" | "dkd" | "dist"
     ce_weight: float = 1.0        # α
     kd_weight: float = 1.0        # β: weight of the base loss (KD, DIST; for DKD it multiplies α·TCKD + β·NCKD)
@@ -200,7 +200,7 @@ _BASE_RECIPES = {
 }
 _RANK_WEIGHT_OVERRIDES = {"deit-kd": 0.5}
 
-RECIPES: dict[str, DistillConfig] = {
+LOSS_RECIPES: dict[str, DistillConfig] = {
     **_BASE_RECIPES,
     **{f"{name}-rank": _with_rank(config, _RANK_WEIGHT_OVERRIDES.get(name)) for name, config in _BASE_RECIPES.items()},
 }
@@ -208,17 +208,17 @@ RECIPES: dict[str, DistillConfig] = {
 
 def get_recipe(name, **overrides):
     """A fresh copy of the named recipe with some fields replaced, e.g. get_recipe("imagenet-kd-rank", rank_k=2.0)."""
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}")
+    if name not in LOSS_RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(LOSS_RECIPES)}")
     fields = [field.name for field in dataclasses.fields(DistillConfig)]
     unknown = [key for key in overrides if key not in fields]
     if unknown:
         raise ValueError(f"unknown DistillConfig field(s) {unknown}; fields: {', '.join(fields)}")
-    return dataclasses.replace(RECIPES[name], **overrides)
+    return dataclasses.replace(LOSS_RECIPES[name], **overrides)
 
 
 def cifar100_recipe_name(pair, method, *, standardize=False, rank=False):
-    """The RECIPES name of a CIFAR-100 pair's loss: method "kd", "dkd" or "dist"; standardize for logit
+    """The LOSS_RECIPES name of a CIFAR-100 pair's loss: method "kd", "dkd" or "dist"; standardize for logit
     standardization (KD and DKD); rank for the ranking loss on top. KD and DIST use one recipe for every pair."""
     if pair not in CIFAR100_PAIRS:
         raise ValueError(f"unknown CIFAR-100 pair {pair!r}; pairs (mdistiller's config stems): "

@@ -1,6 +1,8 @@
 """Shared test setup and helpers (import them with `from conftest import logits, rel_err`)."""
+import importlib.util
 import os
 
+import pytest
 import torch
 
 # Without a GPU, the Triton kernels run on CPU tensors in Triton's interpreter, which must be switched on before
@@ -20,3 +22,18 @@ def rel_err(out, ref):
     """||out - ref|| / ||ref|| in float64."""
     out, ref = out.detach().double(), ref.detach().double()
     return ((out - ref).norm() / ref.norm()).item()
+
+
+def _dali_installed():
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:  # no `nvidia` namespace package at all
+        return False
+
+
+# DALI is optional for users (the torchvision loader stands in), so its tests skip without it; CI installs it and sets
+# RANKKD_EXPECT_DALI=1, which turns a DALI that went missing into failures instead of skips.
+needs_dali = pytest.mark.skipif(not _dali_installed() and os.environ.get("RANKKD_EXPECT_DALI") != "1",
+                                reason="needs nvidia-dali (pip install nvidia-dali-cuda130)")
+# The input-pipeline backends, for tests parametrized over them.
+DATA_BACKENDS = [pytest.param("dali", marks=needs_dali), "torchvision"]

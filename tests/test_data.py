@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 import rankkd.training.data as data
+from conftest import DATA_BACKENDS, needs_dali
 from rankkd.training.data import demo
 from rankkd.training.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 CLASSES = ["cat", "dog", "eel"]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 6, 5
 SIZE = 24
-BACKENDS = ["dali", "torchvision"]
 
 
 def _red(label):
@@ -80,7 +80,7 @@ def _file_ids(images):
     return ((_pixel_means(images)[:, 1] - _green(0)) / 12).round().long().tolist()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DATA_BACKENDS)
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_batches_have_shape_dtype_layout_and_range(tree, backend, channels_last):
     loaders = _loaders(tree, backend, channels_last=channels_last)
@@ -101,7 +101,7 @@ def test_batches_have_shape_dtype_layout_and_range(tree, backend, channels_last)
         assert images[:, 2].std() > 0.3  # the blue noise is there: real pixels, not a constant
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DATA_BACKENDS)
 def test_labels_match_class_folders(tree, backend):
     loaders = _loaders(tree, backend)
     for images, labels in _epoch(loaders.train, 0) + _epoch(loaders.val, 0):
@@ -109,7 +109,7 @@ def test_labels_match_class_folders(tree, backend):
         assert torch.equal(classes_from_pixels, labels)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DATA_BACKENDS)
 def test_two_shard_validation_reads_every_file_once(tree, backend):
     seen = []
     for rank in range(2):
@@ -122,7 +122,7 @@ def test_two_shard_validation_reads_every_file_once(tree, backend):
     assert sorted(seen) == list(range(len(CLASSES) * VAL_PER_CLASS))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DATA_BACKENDS)
 def test_train_shards_are_disjoint_equal_and_reshuffled(tree, backend):
     per_rank = {}
     for rank in range(2):
@@ -136,7 +136,7 @@ def test_train_shards_are_disjoint_equal_and_reshuffled(tree, backend):
     assert per_rank[0][0] != per_rank[0][1]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DATA_BACKENDS)
 def test_seed_and_epoch_determine_the_batches(tree, backend):
     uninterrupted = _loaders(tree, backend, seed=3).train
     first_epoch, second_epoch = _epoch(uninterrupted, 0), _epoch(uninterrupted, 1)
@@ -150,6 +150,7 @@ def test_seed_and_epoch_determine_the_batches(tree, backend):
     assert not torch.equal(other_seed[0][0], first_epoch[0][0])
 
 
+@needs_dali
 def test_demo_dataset_builds_from_sklearn_and_is_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("RANKKD_CACHE", str(tmp_path))
     root = data.prepare_demo()
@@ -189,23 +190,23 @@ def test_missing_split_folder_is_named(fresh_tree, missing):
 
     shutil.rmtree(fresh_tree / missing)
     with pytest.raises(FileNotFoundError, match=str(fresh_tree / missing)):
-        _loaders(fresh_tree, "dali")
+        _loaders(fresh_tree, "auto")
 
 
 def test_empty_class_folder_is_named(fresh_tree):
     for image in (fresh_tree / "val" / "dog").iterdir():
         image.unlink()
     with pytest.raises(data.ImageFolderError, match=str(fresh_tree / "val" / "dog")):
-        _loaders(fresh_tree, "dali")
+        _loaders(fresh_tree, "auto")
 
 
 def test_class_folders_differing_between_splits_are_named(fresh_tree):
     (fresh_tree / "val" / "eel").rename(fresh_tree / "val" / "elk")
     with pytest.raises(data.ImageFolderError, match=r"only in train: \['eel'\], only in val: \['elk'\]"):
-        _loaders(fresh_tree, "dali")
+        _loaders(fresh_tree, "auto")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DATA_BACKENDS)
 def test_undecodable_file_is_named(fresh_tree, backend):
     bad = fresh_tree / "val" / "dog" / "07.jpg"
     bad.write_bytes(b"this is not a JPEG" * 20)
@@ -228,13 +229,13 @@ def test_synthetic_loader_reuses_device_resident_batches():
 
 def test_bad_arguments_are_named(tree):
     with pytest.raises(ValueError, match="rank"):
-        _loaders(tree, "dali", rank=2, world_size=2)
+        _loaders(tree, "auto", rank=2, world_size=2)
     with pytest.raises(ValueError, match="backend"):
         _loaders(tree, "opencv")
     with pytest.raises(ValueError, match="batch_size"):
-        _loaders(tree, "dali", batch_size=10, world_size=2)
+        _loaders(tree, "auto", batch_size=10, world_size=2)
     with pytest.raises(ValueError, match="decode_device"):
-        _loaders(tree, "dali", decode_device="gpu")
+        _loaders(tree, "torchvision", decode_device="gpu")
 
 
 def test_auto_backend_falls_back_to_torchvision_without_dali(tree, monkeypatch):
@@ -251,6 +252,7 @@ def test_importing_rankkd_data_does_not_import_dali():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_dali
 def test_dali_gpu_pipeline_matches_cpu_layout(tree):
     gpu = _loaders(tree, "dali", device="cuda")
     for images, labels in _epoch(gpu.train, 0) + _epoch(gpu.val, 0):

@@ -7,10 +7,10 @@ from PIL import Image
 from test_data import CLASSES, _pixel_means, _write_tree
 
 import rankkd.training.data as data
+from conftest import DATA_BACKENDS, needs_dali
 from rankkd.training.data.mixing import make_batch_mixer
 from rankkd.training.data.sharding import train_batches_per_rank, train_epoch_indices
 
-BACKENDS = ["dali", "torchvision"]
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,7 @@ def _epoch(loader, epoch):
     return list(loader)
 
 
+@needs_dali
 def test_dali_rand_augment_runs_on_cpu_changes_images_and_is_deterministic(flat_tree):
     common = {"batch_size": 16, "image_size": 16, "backend": "dali", "num_threads": 1, "hflip": False, "seed": 5}
     # Flat images stay flat through crops and resizing: the plain epoch reads the same files as flat colours.
@@ -54,7 +55,7 @@ def test_dali_rand_augment_runs_on_cpu_changes_images_and_is_deterministic(flat_
         assert torch.equal(images, images_again) and torch.equal(labels, labels_again)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DATA_BACKENDS)
 def test_random_erasing_erases_a_quarter_of_the_images_with_unit_noise(flat_tree, backend):
     loaders = data.make_loaders(flat_tree, batch_size=64, image_size=16, backend=backend, num_threads=1,
                                 random_erasing=0.25, seed=2)
@@ -122,7 +123,7 @@ def test_one_repeat_keeps_contiguous_slices():
         assert np.array_equal(shard, permutation[rank * 24:(rank + 1) * 24])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DATA_BACKENDS)
 def test_loaders_with_repeats_read_copies_on_both_ranks(tree, backend):
     seen = {}
     for rank in range(2):

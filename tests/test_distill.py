@@ -13,7 +13,7 @@ from torch import nn
 import rankkd
 import rankkd.distill
 from rankkd import losses
-from rankkd.distill import (CIFAR100_DKD_BETA, CIFAR100_PAIRS, RECIPES, DistillConfig, Distiller,
+from rankkd.distill import (CIFAR100_DKD_BETA, CIFAR100_PAIRS, LOSS_RECIPES, DistillConfig, Distiller,
                             cifar100_recipe, cifar100_recipe_name, distill_losses, get_recipe)
 
 
@@ -190,18 +190,18 @@ PUBLISHED = {
 
 
 def test_every_recipe_holds_its_sources_numbers():
-    base_names = {name for name in RECIPES if not name.endswith("-rank")}
+    base_names = {name for name in LOSS_RECIPES if not name.endswith("-rank")}
     assert base_names == set(PUBLISHED)
     for name, fields in PUBLISHED.items():
-        assert RECIPES[name] == DistillConfig(**fields), name
+        assert LOSS_RECIPES[name] == DistillConfig(**fields), name
 
 
 def test_rank_recipes_add_the_ranking_loss_at_gamma_equal_alpha():
-    assert len(RECIPES) == 2 * len(PUBLISHED)
+    assert len(LOSS_RECIPES) == 2 * len(PUBLISHED)
     for name, fields in PUBLISHED.items():
         gamma = 0.5 if name == "deit-kd" else fields["ce_weight"]  # γ = α unless the paper says otherwise
-        assert RECIPES[f"{name}-rank"] == DistillConfig(**fields, rank_weight=gamma), name
-        assert RECIPES[name].rank_weight == 0, name
+        assert LOSS_RECIPES[f"{name}-rank"] == DistillConfig(**fields, rank_weight=gamma), name
+        assert LOSS_RECIPES[name].rank_weight == 0, name
 
 
 def test_cifar100_dkd_beta_per_pair():
@@ -224,9 +224,9 @@ def test_cifar100_recipe_picks_by_pair_method_and_flags():
         for method in ("kd", "dkd", "dist"):
             for rank in (False, True):
                 name = cifar100_recipe_name(pair, method, rank=rank)
-                assert cifar100_recipe(pair, method, rank=rank) == RECIPES[name]
+                assert cifar100_recipe(pair, method, rank=rank) == LOSS_RECIPES[name]
     config = cifar100_recipe("res32x4_res8x4", "kd", rank=True, rank_k=5.0)
-    assert (config.rank_k, config.rank_weight, RECIPES["cifar100-kd-rank"].rank_k) == (5.0, 0.1, 1.0)
+    assert (config.rank_k, config.rank_weight, LOSS_RECIPES["cifar100-kd-rank"].rank_k) == (5.0, 0.1, 1.0)
     with pytest.raises(ValueError, match="res32x4_res8x4"):  # the message lists the pairs
         cifar100_recipe("resnet32x4_resnet8x4", "kd")
     with pytest.raises(ValueError, match="method"):
@@ -239,7 +239,7 @@ def test_get_recipe_copies_overrides_and_explains_mistakes():
     config = get_recipe("imagenet-kd-rank", rank_k=2.0, standardize=True)
     assert (config.rank_k, config.standardize, config.ce_weight) == (2.0, True, 0.5)
     config.ce_weight = 9.0
-    assert RECIPES["imagenet-kd-rank"].ce_weight == 0.5 and RECIPES["imagenet-kd-rank"].rank_k == 1.0
+    assert LOSS_RECIPES["imagenet-kd-rank"].ce_weight == 0.5 and LOSS_RECIPES["imagenet-kd-rank"].rank_k == 1.0
     with pytest.raises(ValueError, match="imagenet-kd-rank"):  # the message lists the known names
         get_recipe("imagenet-kd-ranking")
     with pytest.raises(ValueError, match="rank_weight"):  # ... and the fields

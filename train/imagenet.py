@@ -55,6 +55,10 @@ RECIPES["imagenet"] = dict(
     mixup=0.0, cutmix=0.0, mixup_switch_prob=0.5, label_smoothing=0.0, drop_path=0.0,
     compile_mode="default", log_every=50,
 )
+# The paper's second ImageNet pair, mdistiller's configs/imagenet/r50_mv1: the same solver, ResNet-50 (torchvision's
+# IMAGENET1K_V1 weights, which mdistiller loads too) teaching mdistiller's MobileNetV1.
+# DKD for it: --loss imagenet-dkd-r50-mv1-rank.
+RECIPES["imagenet-r50-mv1"] = {**RECIPES["imagenet"], "teacher": "resnet50", "student": "mobilenet_v1"}
 # The paper's DeiT students (the ranking paper's setup, which is DeiT's training recipe): AdamW, 300 epochs, lr 5e-4,
 # weight decay 0.05 (not on norms, biases, position embeddings or class token), cosine to a minimum lr of 5e-6 after
 # a 5-epoch warm-up, batch 128 per GPU, lr scaled from a global batch of 512 as DeiT does; teacher RegNetY-16GF as in

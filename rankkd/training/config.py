@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 from rankkd._args import PRECISIONS, TEACHER_MODES, check_number
 from rankkd.distill import METHODS, DistillConfig, get_recipe
-from rankkd.distill import RECIPES as LOSS_RECIPES
+from rankkd.distill import LOSS_RECIPES
 from rankkd.ops import BACKENDS as OP_BACKENDS
 from rankkd.ops import available_backends
 

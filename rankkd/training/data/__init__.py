@@ -25,7 +25,7 @@ from rankkd.training.data.demo import DEMO_IMAGE_SIZE, DEMO_NUM_CLASSES, prepare
 from rankkd.training.data.folder import BadImageError, ImageFolderError, list_image_folder
 from rankkd.training.data.synthetic import SyntheticLoader
 
-BACKENDS = ("auto", "dali", "torchvision")
+LOADER_BACKENDS = ("auto", "dali", "torchvision")
 DECODE_DEVICES = ("auto", "cpu", "gpu")
 
 
@@ -76,11 +76,11 @@ def _resolve_device(device: torch.device | str) -> torch.device:
     return device
 
 
-def _resolve_backend(backend: str) -> str:
+def _resolve_loader_backend(backend: str) -> str:
     from rankkd.training.data.dali import dali_available
 
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in LOADER_BACKENDS:
+        raise ValueError(f"backend must be one of {LOADER_BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "dali" if dali_available() else "torchvision"
     if backend == "dali" and not dali_available():
@@ -138,7 +138,7 @@ def make_loaders(root: str | os.PathLike, *, batch_size: int, image_size: int = 
     if decode_device not in DECODE_DEVICES:
         raise ValueError(f"decode_device must be one of {DECODE_DEVICES}, got {decode_device!r}")
     device = _resolve_device(device)
-    backend = _resolve_backend(backend)
+    backend = _resolve_loader_backend(backend)
     listing = list_image_folder(root)
     if len(listing.train) < batch_size * world_size:
         raise ValueError(f"make_loaders: {listing.root / 'train'} has {len(listing.train)} images, fewer than "
@@ -180,5 +180,5 @@ def synthetic_loader(*, batch_size: int, image_size: int, num_classes: int, step
                            device=_resolve_device(device), channels_last=channels_last, seed=seed)
 
 
-__all__ = ["BACKENDS", "DEMO_IMAGE_SIZE", "DEMO_NUM_CLASSES", "BadImageError", "BatchLoader", "DataLoaders",
+__all__ = ["LOADER_BACKENDS", "DEMO_IMAGE_SIZE", "DEMO_NUM_CLASSES", "BadImageError", "BatchLoader", "DataLoaders",
            "ImageFolderError", "make_loaders", "prepare_demo", "synthetic_loader"]
