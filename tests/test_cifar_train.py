@@ -80,6 +80,18 @@ def test_small_lr_students_and_per_pair_dkd_beta(cifar_folder, tmp_path):
         assert (config["lr"], config["dkd_beta"]) == (lr, beta), pair
 
 
+def test_synthetic_data_runs_the_pair_models(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(TRAINER), "--data", "synthetic", "--pair", "res56_res20",
+                             "--steps-per-epoch", "3", "--batch-size", "16", "--log-every", "3", "--epochs", "1",
+                             "--out", str(out)], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (record,) = metrics(out)
+    assert record["train_img_s"] > 0 and record["loss_rank"] > 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["teacher"], config["student"], config["teacher_weights"]) == ("resnet56", "resnet20", "random")
+
+
 def test_killed_run_resumes_to_the_same_weights(cifar_folder, tmp_path):
     args = [*TINY, "--epochs", "3", "--deterministic"]
     uninterrupted = tmp_path / "uninterrupted"
@@ -147,3 +159,14 @@ def test_bad_input_is_refused_by_name(tmp_path, case):
     assert "cifar100.py: error:" in result.stderr and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    """`python train/cifar100.py`: the demo teacher (resnet14) trained and cached, then a KD + rank resnet8."""
+    out = tmp_path / "demo"
+    result = train("demo", "--out", str(out), cache=tmp_path / "cache", timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "training the teacher resnet14 first" in result.stdout
+    last = metrics(out)[-1]
+    assert last["teacher_top1"] >= 90 and last["val_top1"] >= 85, last

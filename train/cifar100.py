@@ -86,6 +86,7 @@ def make_parser():
     add("--data", default="demo", help="the cifar-100-python folder (or its parent, or cifar-100-python.tar.gz), "
                                        "'demo' (the embedded digits set) or 'synthetic' (random images of CIFAR's "
                                        "size: times the step)")
+    add("--steps-per-epoch", type=int, help="--data synthetic: steps per epoch (default: CIFAR-100's 50,000 images)")
     add("--pair", choices=PAIRS, help="teacher -> student pair by mdistiller's config name; picks the models, the lr "
                                       "and the loss recipe (default res32x4_res8x4; the demo has its own pair)")
     add_common_arguments(parser)
@@ -108,6 +109,8 @@ def make_config(args, recipe_name=None):
     cfg = resolve_config(args, recipe_name, recipe)
     if cfg.data == "synthetic" and args.teacher_weights is None:
         cfg.teacher_weights = "random"  # a timing run reads nothing
+    if cfg.steps_per_epoch is not None and (cfg.data != "synthetic" or cfg.steps_per_epoch < 1):
+        raise ValueError(f"--steps-per-epoch applies to --data synthetic and must be >= 1, got {cfg.steps_per_epoch}")
     for name in (cfg.student, cfg.teacher):
         if name is not None:
             cifar.check_name(name)
@@ -128,7 +131,9 @@ def make_data(cfg, env):
     if cfg.data == "demo":
         arrays = demo_arrays(check_writable(default_cache_dir(), "the cache folder ($RANKKD_CACHE)"))
     elif cfg.data == "synthetic":
-        arrays = synthetic_arrays(seed=cfg.seed)
+        sizes = {} if cfg.steps_per_epoch is None else {"num_train": cfg.steps_per_epoch * cfg.global_batch_size,
+                                                        "num_val": cfg.steps_per_epoch * cfg.global_batch_size // 5}
+        arrays = synthetic_arrays(seed=cfg.seed, **sizes)
     else:
         arrays = load_cifar100(cfg.data)
     return make_device_loaders(arrays, batch_size=cfg.batch_size, device=env.device, rank=env.rank,

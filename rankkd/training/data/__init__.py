@@ -110,7 +110,7 @@ def make_loaders(root: str | os.PathLike, *, batch_size: int, image_size: int = 
     DeiT's training augmentations, all off by default (DeiT: 2, 9, 0.5, 0.25, 3):
     rand_augment_ops: RandAugment layers per train image (0: off), at rand_augment_magnitude on timm's 0..10 scale.
         DALI: timm's "rand-m{magnitude}-mstd{magnitude_std}-inc1" (see dali.py for what differs); torchvision:
-        transforms.v2.RandAugment(num_ops, magnitude, 11 bins), which has no magnitude noise (magnitude_std unused).
+        transforms.v2.RandAugment(num_ops, magnitude, 101 bins), which has no magnitude noise (magnitude_std unused).
     random_erasing: probability per train image of erasing one random rectangle with N(0, 1) noise, after
         normalization (timm's mode "pixel").
     repeats: repeated augmentation (DeiT's RASampler): every image of an epoch is read `repeats` times, the copies

@@ -30,6 +30,7 @@ decodes there), from DALI's per-sample random numbers, so they too depend on (se
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -37,6 +38,7 @@ import torch
 from rankkd.training.data.folder import SplitListing, find_undecodable
 from rankkd.training.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from rankkd.training.data.sharding import TrainShard, val_shard_indices
+
 
 _READER_NAME = "files"
 # Batches DALI works ahead of the consumer (the pipeline's prefetch_queue_depth); also the span of batches that may
@@ -180,8 +182,14 @@ def _train_graph(files, labels, *, image_size, min_scale, hflip, rand_augment_op
     images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR,
                        antialias=True)
     if rand_augment_ops:
-        images = _rand_augment(images, num_ops=rand_augment_ops, magnitude=rand_augment_magnitude,
-                               magnitude_std=rand_augment_magnitude_std, image_size=image_size)
+        # DALI's own augmentations call two operators by deprecated aliases, and DALI resets the warning filters to
+        # show that: nothing a user can act on, so those warnings are dropped here and any other is passed on.
+        with warnings.catch_warnings(record=True) as caught:
+            images = _rand_augment(images, num_ops=rand_augment_ops, magnitude=rand_augment_magnitude,
+                                   magnitude_std=rand_augment_magnitude_std, image_size=image_size)
+        for warning in caught:
+            if "nvidia.dali.fn.experimental." not in str(warning.message):
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     mirror = fn.random.coin_flip(probability=0.5) if hflip else False
     images = _normalize(images, channels_last=channels_last, mirror=mirror)
     if random_erasing:
