@@ -19,19 +19,17 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without installing rankkd
 
 from rankkd import distill  # noqa: E402
 from rankkd.distill import DistillConfig  # noqa: E402
 from rankkd.models import cifar  # noqa: E402
 from rankkd.training.config import add_common_arguments, check_loss_fits, resolve_config  # noqa: E402
-from rankkd.training.data.cifar import demo_arrays, load_cifar100, make_device_loaders, synthetic_arrays  # noqa: E402
-from rankkd.training.loop import (NonFiniteLossError, cached_teacher, fit, output_folder, print_summary,  # noqa: E402
-                                  resolve_for_device, stop)
+from rankkd.training.data.cifar import (demo_arrays, load_cifar100, make_device_loaders,  # noqa: E402
+                                        synthetic_arrays)
 from rankkd.training.data.demo import default_cache_dir  # noqa: E402
-from rankkd.training.utils import check_writable, cleanup_distributed, init_distributed, seed_everything  # noqa: E402
+from rankkd.training.loop import cached_teacher, output_folder, resolve_for_device, run_trainer  # noqa: E402
+from rankkd.training.utils import check_writable, seed_everything  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Pairs and recipes. A pair is named by mdistiller's config stem (configs/cifar100/<method>/<stem>.yaml).
@@ -155,12 +153,14 @@ def prepare(cfg, env):
                            student=student, mixer=None)
 
 
-def demo_teacher_weights(cfg, env):
-    """The demo teacher's weights: trained by this same loop with the "demo-teacher" recipe on first use, then taken
-    from the cache (rankkd.training.loop.cached_teacher)."""
+def demo_teacher(run, env):
+    """The demo's teacher: trained by this same loop with the "demo-teacher" recipe on first use, then taken from the
+    cache (rankkd.training.loop.cached_teacher)."""
+    cfg = run.cfg
     args = make_parser().parse_args(["--data", "demo", "--student", cfg.teacher, "--device", env.device.type,
                                      "--precision", cfg.precision, "--compile" if cfg.compile else "--no-compile"])
-    return cached_teacher(make_config(args, "demo-teacher"), env, prepare)
+    weights = cached_teacher(make_config(args, "demo-teacher"), env, prepare)
+    return cifar.load_teacher(cfg.teacher, weights, run.loaders.num_classes)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -168,26 +168,7 @@ def demo_teacher_weights(cfg, env):
 
 def main(argv=None):
     """Run the trainer on `argv` (default: the command line); returns the summary of the run."""
-    args = make_parser().parse_args(argv)
-    try:  # every check of the arguments, before any work starts
-        env = init_distributed(args.device)
-        cfg = make_config(args)
-        if cfg.deterministic:
-            torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = not cfg.deterministic
-        run = prepare(cfg, env)
-    except ValueError as error:
-        stop(f"cifar100.py: error: {error}", 2)
-    try:
-        if cfg.teacher is not None and run.teacher is None:  # the demo without --teacher-weights
-            run.teacher = cifar.load_teacher(cfg.teacher, demo_teacher_weights(cfg, env), run.loaders.num_classes)
-        summary = fit(run, env)
-    except NonFiniteLossError as error:
-        stop(f"cifar100.py: error: {error}", 1)
-    cleanup_distributed()
-    if env.is_main:
-        print_summary(cfg, summary)
-    return summary
+    return run_trainer("cifar100.py", make_parser().parse_args(argv), make_config, prepare, demo_teacher)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,10 @@ from rankkd.distill import DistillConfig  # noqa: E402
 from rankkd.training.config import add_common_arguments, check_loss_fits, resolve_config  # noqa: E402
 from rankkd.training.data import make_loaders, prepare_demo, synthetic_loader  # noqa: E402
 from rankkd.training.data.demo import default_cache_dir  # noqa: E402
+from rankkd.training.data.folder import check_images, list_image_folder  # noqa: E402
 from rankkd.training.data.mixing import make_batch_mixer  # noqa: E402
-from rankkd.training.data.folder import EXCLUDE_HINT, BadImageError, check_images, list_image_folder  # noqa: E402
-from rankkd.training.loop import (NonFiniteLossError, cached_teacher, fit, output_folder, print_summary,  # noqa: E402
-                                  resolve_for_device, saved_progress, stop)
-from rankkd.training.utils import check_writable, cleanup_distributed, init_distributed, seed_everything  # noqa: E402
+from rankkd.training.loop import cached_teacher, output_folder, resolve_for_device, run_trainer  # noqa: E402
+from rankkd.training.utils import check_writable, seed_everything  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Recipes. A run starts from one of these and overrides what the command line sets.
@@ -220,15 +219,16 @@ def prepare(cfg, env):
 # The demo's teacher: trained by this same loop with the "demo-teacher" recipe, cached by its settings.
 
 
-def demo_teacher_weights(cfg, env):
-    """The demo teacher's weights: trained by this same loop with the "demo-teacher" recipe on first use, then taken
-    from the cache (rankkd.training.loop.cached_teacher)."""
+def demo_teacher(run, env):
+    """The demo's teacher: trained by this same loop with the "demo-teacher" recipe on first use, then taken from the
+    cache (rankkd.training.loop.cached_teacher)."""
+    cfg = run.cfg
     args = make_parser().parse_args([
         "--data", "demo", "--student", cfg.teacher, "--device", env.device.type, "--precision", cfg.precision,
         "--compile" if cfg.compile else "--no-compile", "--workers", str(cfg.workers),
         "--data-backend", cfg.data_backend])
     args.recipe = "demo-teacher"  # not offered on the command line
-    return cached_teacher(make_config(args), env, prepare)
+    return models.load_teacher(cfg.teacher, cached_teacher(make_config(args), env, prepare), run.loaders.num_classes)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -236,32 +236,7 @@ def demo_teacher_weights(cfg, env):
 
 def main(argv=None):
     """Run the trainer on `argv` (default: the command line); returns the summary of the run."""
-    args = make_parser().parse_args(argv)
-    try:  # every check of the arguments, before any work starts
-        env = init_distributed(args.device)
-        cfg = make_config(args)
-        if cfg.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = not cfg.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        run = prepare(cfg, env)
-    except (ValueError, FileNotFoundError, BadImageError) as error:
-        stop(f"imagenet.py: error: {error}", 2)
-    try:
-        if cfg.teacher is not None and run.teacher is None:  # the demo without --teacher-weights
-            run.teacher = models.load_teacher(cfg.teacher, demo_teacher_weights(cfg, env), run.loaders.num_classes)
-        summary = fit(run, env)
-    except NonFiniteLossError as error:
-        stop(f"imagenet.py: error: {error}", 1)
-    except BadImageError as error:  # met in the training set, mid-epoch
-        stop(f"imagenet.py: error: {error}. {saved_progress(run.out)} {EXCLUDE_HINT}, then continue with "
-             "--resume auto.", 1)
-    cleanup_distributed()
-    if env.is_main:
-        print_summary(cfg, summary)
-    return summary
+    return run_trainer("imagenet.py", make_parser().parse_args(argv), make_config, prepare, demo_teacher)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ from torch.nn.parallel import DistributedDataParallel
 from rankkd.distill import Distiller
 from rankkd.training.config import record
 from rankkd.training.data.demo import default_cache_dir
+from rankkd.training.data.folder import EXCLUDE_HINT, BadImageError
 from rankkd.training.metrics import kendall_tau, topk_correct
 from rankkd.training.utils import (MetricsLog, Progress, all_reduce_sum, average_buffers, barrier, broadcast_object,
-                                   cleanup_distributed, copy_atomically, format_duration, gather_rng_states,
+                                   cleanup_distributed, copy_atomically, init_distributed, format_duration, gather_rng_states,
                                    RunLock, learning_rate, load_checkpoint, save_checkpoint, seed_everything,
                                    set_rng_state)
 
@@ -328,6 +329,44 @@ def cached_teacher(teacher_cfg, env, prepare_run):
 # The end of a run: a clean exit with a message, and the results table.
 
 
+def configure_torch(cfg):
+    """Process-wide torch settings of a run: deterministic kernels when asked, else cuDNN autotuning; TF32 matmuls."""
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not cfg.deterministic
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def run_trainer(script, args, make_config, prepare_run, load_demo_teacher):
+    """A trainer's main() after parsing `args`: every check of the settings before any work (make_config(args),
+    prepare_run(cfg, env)); a bad one ends the run with one line and exit status 2. Then the demo's teacher when
+    run.teacher is still None (load_demo_teacher(run, env) gives it), fit() and the results table; what a run can meet
+    on the way (a diverging loss, an unreadable training image) ends it with one line and exit status 1. Returns the
+    summary."""
+    try:
+        env = init_distributed(args.device)
+        cfg = make_config(args)
+        configure_torch(cfg)
+        run = prepare_run(cfg, env)
+    except (ValueError, FileNotFoundError, BadImageError) as error:
+        stop(f"{script}: error: {error}", 2)
+    try:
+        if cfg.teacher is not None and run.teacher is None:
+            run.teacher = load_demo_teacher(run, env)
+        summary = fit(run, env)
+    except NonFiniteLossError as error:
+        stop(f"{script}: error: {error}", 1)
+    except BadImageError as error:  # met in the training set, mid-epoch
+        stop(f"{script}: error: {error}. {saved_progress(run.out)} {EXCLUDE_HINT}, then continue with "
+             "--resume auto.", 1)
+    cleanup_distributed()
+    if env.is_main:
+        print_summary(cfg, summary)
+    return summary
+
+
 def stop(message, exit_code):
     """Print `message` (rank 0 only) and leave with `exit_code`, closing the process group first."""
     if int(os.environ.get("RANK", 0)) == 0:
@@ -351,7 +390,3 @@ def print_summary(cfg, summary):
                                for i, (cell, width) in enumerate(zip(row, widths))))
     if last.get("val_tau") is not None:
         print(f"  mean Kendall tau-b, student vs teacher logits: {last['val_tau']:.3f}")
-
-
-if __name__ == "__main__":
-    main()

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rankkd.training.data.sharding import TrainShard, augmentation_seed, val_shard_indices
+from rankkd.training.data.sharding import TrainShard, val_shard_indices
 
 # mdistiller's CIFAR-100 channel statistics (RGB, pixel values in [0, 1]).
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
