@@ -338,3 +338,23 @@ def test_demo_end_to_end(tmp_path):
     last = metrics(tmp_path / "demo")[-1]
     assert last["val_top1"] >= 90 and last["teacher_top1"] >= 90, last
     print(f"demo: {time.monotonic() - start:.0f}s, teacher {last['teacher_top1']:.2f}, student {last['val_top1']:.2f}")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_an_unreadable_image_stops_the_run_with_one_line(cache, tmp_path, split):
+    from test_data import _write_tree
+
+    root = _write_tree(tmp_path / "data")
+    bad = root / split / "dog" / ("08.jpg" if split == "train" else "06.jpg")
+    assert bad.exists()
+    bad.write_bytes(b"not a JPEG at all" * 40)
+    out = tmp_path / "run"
+    result = train(cache, "--data", str(root), "--teacher", "demo_cnn_large", "--teacher-weights", "random",
+                   "--student", "demo_cnn_small", "--image-size", "16", "--batch-size", "4", "--workers", "1",
+                   "--epochs", "1", "--out", str(out))
+    assert "Traceback" not in result.stderr, result.stderr
+    assert str(bad) in result.stderr and "To exclude a file" in result.stderr, result.stderr
+    if split == "val":  # found by the check before training
+        assert result.returncode == 2 and not (out / "metrics.jsonl").exists()
+    else:  # met mid-epoch
+        assert result.returncode == 1 and "no checkpoint had been written yet" in result.stderr

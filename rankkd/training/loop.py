@@ -359,7 +359,7 @@ def run_trainer(script, args, make_config, prepare_run, load_demo_teacher):
     except NonFiniteLossError as error:
         stop(f"{script}: error: {error}", 1)
     except BadImageError as error:  # met in the training set, mid-epoch
-        stop(f"{script}: error: {error}. {saved_progress(run.out)} {EXCLUDE_HINT}, then continue with "
+        stop(f"{script}: error: {error}. Stopped: {saved_progress(run.out)} {EXCLUDE_HINT}, then continue with "
              "--resume auto.", 1)
     cleanup_distributed()
     if env.is_main:
