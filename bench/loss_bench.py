@@ -110,11 +110,18 @@ def available_mib(device):
 
 
 def cpu_model():
+    """The CPU's model name and the widest vector ISA the CPU kernel's clones can use on it (AVX-512, AVX2, FMA):
+    CPU timings differ several-fold between machines, and the ISA is most of why."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+            lines = cpuinfo.read().splitlines()
+        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1] for line in lines if line.startswith("flags")).split())
     except (OSError, StopIteration):
         return platform.machine() + " CPU"
+    isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("fma", "FMA")) if flag in flags),
+               "no AVX2/FMA")
+    return f"{model} ({isa})"
 
 
 def measure_tanh_rate(device):
