@@ -343,6 +343,16 @@ def test_differentiable_gradients_are_chunked_closed_forms():
 
 
 @pytest.mark.parametrize("backend", DOUBLE_BACKWARD_BACKENDS)
+def test_double_backward_keeps_non_finite_rows_nan(backend):
+    student, teacher = logits(3, 6), logits(3, 6)
+    student[1, 2] = float("inf")
+    s = student.requires_grad_()
+    loss = rankkd.kendall_rank_loss(s, teacher, reduction="sum", backend=backend)
+    (grad_s,) = torch.autograd.grad(loss, s, create_graph=True)
+    assert grad_s[1].isnan().all() and grad_s[[0, 2]].isfinite().all()
+
+
+@pytest.mark.parametrize("backend", DOUBLE_BACKWARD_BACKENDS)
 def test_torch_func_is_refused_clearly_by_fused_backends(backend):
     student, teacher = logits(3, 8), logits(3, 8)
     with pytest.raises(RuntimeError, match="torch.func.*backend='reference'"):
