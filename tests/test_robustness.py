@@ -5,6 +5,7 @@ import io
 import os
 import pickle
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -99,6 +100,31 @@ def test_waiting_lock_says_whom_it_waits_for_then_takes_over(tmp_path, holder):
     holder.kill()
     out, err = waiter.communicate(timeout=120)
     assert (waiter.returncode, out) == (0, "acquired\n") and "waiting" not in err  # said once
+
+
+HOLD_WITH_CHILD = """
+import os, sys, time
+from rankkd.training.utils import RunLock
+RunLock(sys.argv[1], what="--out").acquire()
+if os.fork() == 0:  # a loader worker that outlives its parent for a while
+    time.sleep(60)
+    os._exit(0)
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
+    folder = tmp_path / "run"
+    parent = _python(HOLD_WITH_CHILD, folder, stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert parent.stdout.readline() == "locked\n"
+        assert not _lock_is_free(folder)
+        parent.kill()  # the child lives on
+        assert parent.wait() == -9
+        assert _lock_is_free(folder)
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
 
 
 def test_lock_nests_within_a_process_and_creates_its_folder(tmp_path):

@@ -1,6 +1,7 @@
 """The trainer, train/imagenet.py, run as users run it: plain python and torchrun (2 gloo processes on the CPU), killed
 and resumed, fed bad arguments and a diverging learning rate. Tiny settings (16 px demo images, 11 steps an epoch,
 an untrained teacher) keep the whole file to a couple of minutes on 2 cores."""
+import contextlib
 import json
 import os
 import runpy
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +18,8 @@ import torch
 from rankkd import models
 from rankkd.training.data import prepare_demo
 from rankkd.distill import DistillConfig, Distiller
-from rankkd.training.loop import resolve_for_device, teacher_cache_folder
+from rankkd.training.data import synthetic_loader
+from rankkd.training.loop import resolve_for_device, teacher_cache_folder, train_one_epoch
 from rankkd.training.utils import DistEnv, learning_rate, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,7 +207,7 @@ def bad_teacher_checkpoints(folder):
 
 
 @pytest.mark.parametrize("case", ["arch", "method", "data", "classes", "teacher file", "resume file", "existing run",
-                                  "topk", "backend", "workers", "lr", "out"])
+                                  "topk", "backend", "workers", "lr", "out", "mixup", "temperature"])
 def test_bad_arguments_fail_before_any_work(trainer_main, tmp_path, capsys, case):
     wrong_classes, garbage = bad_teacher_checkpoints(tmp_path)
     out = tmp_path / "run"
@@ -221,6 +224,8 @@ def test_bad_arguments_fail_before_any_work(trainer_main, tmp_path, capsys, case
         "workers": (["--workers", "0"], "--workers must be >= 1, got 0"),
         "lr": (["--lr", "inf"], "--lr must be a finite number, got inf"),
         "out": (["--out", str(garbage / "run")], f"--out {garbage / 'run'} is not writable"),
+        "mixup": (["--mixup", "-1"], "--mixup must be >= 0, got -1.0"),
+        "temperature": (["--temperature", "0"], "--temperature must be > 0, got 0.0"),
     }[case]
     if case in ("resume file", "existing run"):
         out.mkdir()
@@ -358,3 +363,39 @@ def test_an_unreadable_image_stops_the_run_with_one_line(cache, tmp_path, split)
         assert result.returncode == 2 and not (out / "metrics.jsonl").exists()
     else:  # met mid-epoch
         assert result.returncode == 1 and "no checkpoint had been written yet" in result.stderr
+
+
+def test_resume_continues_the_random_streams(cache, tmp_path):
+    # mobilenet_v2's dropout draws from the global generator at every step: a run resumed after epoch 1 must draw what
+    # the uninterrupted run drew in epoch 2. A step schedule keeps the learning rate independent of --epochs.
+    args = [*TINY, "--student", "mobilenet_v2", "--deterministic", "--schedule", "step"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert train(cache, *args, "--epochs", "2", "--out", str(whole)).returncode == 0
+    assert train(cache, *args, "--epochs", "1", "--out", str(resumed)).returncode == 0
+    result = train(cache, *args, "--epochs", "2", "--out", str(resumed), "--resume", "auto")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_same_tensors(checkpoint(whole / "last.pt")["student"], checkpoint(resumed / "last.pt")["student"])
+
+
+def test_dkd_warm_up_sees_epochs_counted_from_one(tmp_path):
+    # mdistiller's trainer counts epochs from 1, so its DKD warm-up gives epoch e the factor min(e / warm-up, 1).
+    weight = torch.nn.Parameter(torch.ones(()))
+    seen = []
+
+    def forward(images, labels, epoch):
+        seen.append(float(epoch))
+        loss = weight * images.mean()
+        return None, {"ce": loss, "total": loss}
+
+    cfg = SimpleNamespace(epochs=3, log_every=2, scaled_lr=0.1, schedule="step", lr_warmup_epochs=0.0, warmup_lr=0.0,
+                          milestones=(), lr_decay=0.1, min_lr=0.0, global_batch_size=4, compile=False,
+                          compile_mode="default")
+    loaders = SimpleNamespace(train=synthetic_loader(batch_size=4, image_size=8, num_classes=3, steps=2, device="cpu"))
+    run = SimpleNamespace(cfg=cfg, loaders=loaders, mixer=None, out=tmp_path)
+    env = DistEnv(0, 0, 1, torch.device("cpu"))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    epoch_tensor = torch.zeros(())
+    for epoch in range(3):
+        train_one_epoch(epoch, run, env, forward, optimizer, scaler, contextlib.nullcontext, epoch_tensor)
+    assert seen == [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]

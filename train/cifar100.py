@@ -102,8 +102,8 @@ def make_config(args, recipe_name=None):
         # The pair's published loss for the method, with the ranking loss at gamma = alpha (--rank-weight 0: off).
         loss = (DistillConfig(method="ce", rank_weight=1.0) if method == "ce"
                 else distill.cifar100_recipe_name(pair, method, standardize=bool(args.standardize), rank=True))
-        recipe.update(pair=pair, teacher=teacher, student=student,
-                      lr=0.01 if student in SMALL_LR_STUDENTS else recipe["lr"], loss=loss)
+        small_lr = (args.student or student) in SMALL_LR_STUDENTS
+        recipe.update(pair=pair, teacher=teacher, student=student, lr=0.01 if small_lr else recipe["lr"], loss=loss)
     cfg = resolve_config(args, recipe_name, recipe)
     if cfg.data == "synthetic" and args.teacher_weights is None:
         cfg.teacher_weights = "random"  # a timing run reads nothing
@@ -139,11 +139,12 @@ def make_data(cfg, env):
 
 
 def prepare(cfg, env):
-    """Output folder, checkpoint to resume, data, teacher and student. Raises ValueError on anything wrong."""
+    """Data, output folder (locked once the data checks passed), checkpoint to resume, teacher and student. Raises
+    ValueError on anything wrong."""
     resolve_for_device(cfg, env)
-    out, lock, resume_state = output_folder(cfg, env)
     loaders = make_data(cfg, env)
     check_loss_fits(cfg.loss, loaders.num_classes, env.device)
+    out, lock, resume_state = output_folder(cfg, env)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     teacher = None
     if cfg.teacher is not None and cfg.teacher_weights is not None:

@@ -7,8 +7,9 @@
     python train/imagenet.py --data synthetic --batch-size 256     # on a GPU: the training step alone, no I/O
 
 The file reads top to bottom: the recipes (every number in them can be overridden on the command line), the
-command line, the checks that run before any work, the training step, evaluation, the epoch loop, and the demo.
-Reusable parts live in rankkd/: models, data, distill (the losses), metrics, train_utils (plumbing).
+command line, the checks that run before any work, the data and models, and the demo's teacher. What both trainers
+share lives in rankkd/training/: the options and settings (config), the epoch loop, evaluation, checkpoints and the
+teacher cache (loop), the input pipelines (data); the losses are rankkd.distill, the models rankkd.models.
 
 Batch sizes: --batch-size is per process (per GPU); the global batch is batch size x processes. The learning rate
 of a recipe is stated for a reference global batch (lr_reference_batch) and scaled linearly to the actual one.
@@ -27,13 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 
 from rankkd import models  # noqa: E402
 from rankkd.distill import DistillConfig  # noqa: E402
-from rankkd.training.config import add_common_arguments, check_loss_fits, resolve_config  # noqa: E402
+from rankkd.training.config import add_common_arguments, check_loss_fits, check_ranges, resolve_config  # noqa: E402
 from rankkd.training.data import make_loaders, prepare_demo, synthetic_loader  # noqa: E402
 from rankkd.training.data.demo import default_cache_dir  # noqa: E402
-from rankkd.training.data.folder import check_images, list_image_folder  # noqa: E402
+from rankkd.training.data.folder import BadImageError, check_images, list_image_folder  # noqa: E402
 from rankkd.training.data.mixing import make_batch_mixer  # noqa: E402
 from rankkd.training.loop import cached_teacher, output_folder, resolve_for_device, run_trainer  # noqa: E402
-from rankkd.training.utils import check_writable, seed_everything  # noqa: E402
+from rankkd.training.utils import all_gather_objects, check_writable, seed_everything  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Recipes. A run starts from one of these and overrides what the command line sets.
@@ -149,11 +150,10 @@ def make_config(args):
                          "'demo' or 'synthetic')")
     if cfg.teacher is not None and cfg.teacher_weights is None and cfg.data != "demo":
         raise ValueError("--teacher-weights is needed: a torchvision weights name, a checkpoint path, or 'random'")
-    for field, minimum in (("image_size", 8), ("num_classes", 2), ("steps_per_epoch", 1), ("workers", 1),
-                           ("repeated_aug", 1), ("rand_augment_ops", 0)):
-        value = getattr(cfg, field)
-        if value is not None and value < minimum:
-            raise ValueError(f"--{field.replace('_', '-')} must be >= {minimum}, got {value}")
+    check_ranges(cfg, image_size=(8, None), num_classes=(2, None), steps_per_epoch=(1, None), workers=(1, None),
+                 repeated_aug=(1, None), rand_augment_ops=(0, None), rand_augment_magnitude=(0, 10), mixup=(0, None),
+                 cutmix=(0, None), mixup_switch_prob=(0, 1), label_smoothing=(0, 1), random_erasing=(0, 1),
+                 drop_path=(0, 1))
     return cfg
 
 
@@ -173,14 +173,27 @@ def make_data(cfg, env):
         root = prepare_demo(check_writable(default_cache_dir(), "the cache folder ($RANKKD_CACHE)"))
     else:
         root = cfg.data
-        # A bad validation image would otherwise surface only after a whole training epoch.
-        check_images(list_image_folder(root).val.files, what=f"{root}/val")
+        check_validation_images(root, env)
     return make_loaders(root, batch_size=cfg.batch_size, image_size=cfg.image_size, rank=env.rank,
                         world_size=env.world_size, device=env.device, seed=cfg.seed, backend=cfg.data_backend,
                         num_threads=cfg.workers, channels_last=cfg.channels_last, min_scale=cfg.min_scale,
                         hflip=cfg.hflip, val_resize_ratio=cfg.val_resize_ratio, rand_augment_ops=cfg.rand_augment_ops,
                         rand_augment_magnitude=cfg.rand_augment_magnitude, random_erasing=cfg.random_erasing,
                         repeats=cfg.repeated_aug)
+
+
+def check_validation_images(root, env):
+    """A bad validation image would otherwise surface only after a whole training epoch. Each process checks its
+    share (in parallel threads), and all stop with the same message."""
+    files = list_image_folder(root).val.files
+    try:
+        check_images(files[env.rank::env.world_size], what=f"{root}/val")
+        problem = None
+    except BadImageError as error:
+        problem = str(error)
+    found = [problem for problem in all_gather_objects(problem) if problem]
+    if found:
+        raise BadImageError(found[0])
 
 
 def resolve_workers(cfg, env):
@@ -195,22 +208,22 @@ def resolve_workers(cfg, env):
 
 
 def prepare(cfg, env):
-    """Output folder, checkpoint to resume, data, teacher and student. Raises ValueError (or FileNotFoundError for a
-    missing data folder) on anything wrong with the arguments."""
+    """Data, output folder (locked once the data checks passed), checkpoint to resume, teacher and student. Raises
+    ValueError (or FileNotFoundError for a missing data folder) on anything wrong with the arguments."""
     resolve_for_device(cfg, env)
     resolve_workers(cfg, env)
-    out, lock, resume_state = output_folder(cfg, env)
     loaders = make_data(cfg, env)
     check_loss_fits(cfg.loss, loaders.num_classes, env.device)
+    mixer = make_batch_mixer(loaders.num_classes, mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+                             switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing, seed=cfg.seed,
+                             rank=env.rank)
+    out, lock, resume_state = output_folder(cfg, env)
     seed_everything(cfg.seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
     teacher = None
     if cfg.teacher is not None and cfg.teacher_weights is not None:
         teacher = models.load_teacher(cfg.teacher, cfg.teacher_weights, loaders.num_classes)
     student = models.build_model(cfg.student, loaders.num_classes, drop_path_rate=cfg.drop_path,
                                  image_size=cfg.image_size)
-    mixer = make_batch_mixer(loaders.num_classes, mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
-                             switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing, seed=cfg.seed,
-                             rank=env.rank)
     return SimpleNamespace(cfg=cfg, out=out, lock=lock, resume_state=resume_state, loaders=loaders, teacher=teacher,
                            student=student, mixer=mixer)
 

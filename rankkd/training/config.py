@@ -47,7 +47,7 @@ def add_common_arguments(parser):
 
     recipe = parser.add_argument_group("recipe overrides (default: the recipe's value)")
     add = recipe.add_argument
-    add("--teacher", help="teacher architecture, or 'none' for a plain cross-entropy run")
+    add("--teacher", help="teacher architecture, or 'none' (with --method ce --rank-weight 0: plain cross-entropy)")
     add("--teacher-weights", help="a checkpoint path, or 'random' (untrained: for timing)")
     add("--student", help="student architecture")
     add("--epochs", type=int)
@@ -103,26 +103,42 @@ def resolve_config(args, recipe_name, recipe):
             setattr(cfg, key, value)
     loss_overrides = {name: given[name] for name in LOSS_FIELDS if given.get(name) is not None}
     cfg.loss_recipe = cfg.loss if isinstance(cfg.loss, str) else None
-    if isinstance(cfg.loss, DistillConfig):
-        cfg.loss = dataclasses.replace(cfg.loss, **loss_overrides)
-    else:
-        cfg.loss = get_recipe(cfg.loss, **loss_overrides) if cfg.loss else DistillConfig(**loss_overrides)
+    try:
+        if isinstance(cfg.loss, DistillConfig):
+            cfg.loss = dataclasses.replace(cfg.loss, **loss_overrides)
+        else:
+            cfg.loss = get_recipe(cfg.loss, **loss_overrides) if cfg.loss else DistillConfig(**loss_overrides)
+    except ValueError as error:  # DistillConfig names its fields: say the options instead
+        field = str(error).split(" ", 1)[0]
+        raise ValueError(str(error).replace(field, flag(field), 1) if field in LOSS_FIELDS else str(error)) from None
     if cfg.teacher == "none":
         cfg.teacher = None
     if cfg.loss.uses_teacher and cfg.teacher is None:
-        raise ValueError(f"method {cfg.loss.method!r} with rank_weight {cfg.loss.rank_weight} needs a --teacher")
-    for name, minimum in (("epochs", 1), ("batch_size", 1), ("log_every", 1), ("lr_reference_batch", 1),
-                          ("global_batch_size", 1)):
-        value = getattr(cfg, name)
-        if value is not None and value < minimum:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
-    for name, positive in (("lr", True), ("weight_decay", False), ("min_lr", False), ("warmup_lr", False),
-                           ("lr_warmup_epochs", False), ("momentum", False), ("lr_decay", True)):
-        try:
-            check_number(f"--{name.replace('_', '-')}", getattr(cfg, name), positive=positive)
-        except ValueError as error:
-            raise ValueError(str(error)) from None
+        raise ValueError(f"method {cfg.loss.method!r} with rank_weight {cfg.loss.rank_weight} needs a --teacher (a "
+                         "plain cross-entropy run: --teacher none --method ce --rank-weight 0)")
+    check_ranges(cfg, epochs=(1, None), batch_size=(1, None), log_every=(1, None), lr_reference_batch=(1, None),
+                 global_batch_size=(1, None))
+    for field, positive in (("lr", True), ("weight_decay", False), ("min_lr", False), ("warmup_lr", False),
+                            ("lr_warmup_epochs", False), ("momentum", False), ("lr_decay", True)):
+        check_number(flag(field), getattr(cfg, field), positive=positive)
     return cfg
+
+
+def flag(field):
+    """The command-line option that sets a settings field."""
+    return "--dkd-warmup-epochs" if field == "warmup_epochs" else f"--{field.replace('_', '-')}"
+
+
+def check_ranges(cfg, **ranges):
+    """Raise a ValueError naming the option unless each field's value (when set) lies in its [low, high] range (None:
+    unbounded)."""
+    for field, (low, high) in ranges.items():
+        value = getattr(cfg, field)
+        if value is None:
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ValueError(f"{flag(field)} must be {bounds}, got {value}")
 
 
 def record(cfg):

@@ -20,10 +20,10 @@ from rankkd.training.config import record
 from rankkd.training.data.demo import default_cache_dir
 from rankkd.training.data.folder import EXCLUDE_HINT, BadImageError
 from rankkd.training.metrics import kendall_tau, topk_correct
-from rankkd.training.utils import (MetricsLog, Progress, all_reduce_sum, average_buffers, barrier, broadcast_object,
-                                   cleanup_distributed, copy_atomically, init_distributed, format_duration, gather_rng_states,
-                                   RunLock, learning_rate, load_checkpoint, save_checkpoint, seed_everything,
-                                   set_rng_state)
+from rankkd.training.utils import (MetricsLog, Progress, RunLock, all_reduce_sum, average_buffers, barrier,
+                                   broadcast_object, cleanup_distributed, copy_atomically, format_duration,
+                                   gather_rng_states, init_distributed, learning_rate, load_checkpoint,
+                                   save_checkpoint, seed_everything, set_rng_state)
 
 
 def resolve_for_device(cfg, env):
@@ -162,11 +162,13 @@ def train_one_epoch(epoch, run, env, forward, optimizer, scaler, autocast, epoch
 
 
 @torch.no_grad()
-def evaluate(student, teacher, loader, autocast, env):
+def evaluate(student, teacher, loader, autocast, env, replays_cuda_graphs=False):
     """Top-1 / top-5 (%) of student and teacher over the whole validation set, and the mean Kendall tau-b between
     their logits. Sums stay per rank until one all-reduce at the end (ranks may run different batch counts)."""
     sums = torch.zeros(7, dtype=torch.float64, device=env.device)
     for images, labels in loader:
+        if replays_cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # each batch replays the graphs anew; its logits are used up
         with autocast():
             student_logits = student(images)
             teacher_logits = teacher(images) if teacher is not None else None
@@ -261,7 +263,8 @@ def _train_epochs(run, env):
         train_stats = train_one_epoch(epoch, run, env, train_forward, optimizer, scaler, autocast, epoch_tensor)
         average_buffers(student)
         eval_student.eval()
-        val_stats = evaluate(eval_student, eval_teacher, run.loaders.val, autocast, env)
+        val_stats = evaluate(eval_student, eval_teacher, run.loaders.val, autocast, env,
+                             replays_cuda_graphs=cfg.compile and cfg.compile_mode == "reduce-overhead")
         last_record = {"epoch": epoch + 1, **train_stats, **val_stats,
                        "epoch_time_s": time.perf_counter() - epoch_start}
         is_best = val_stats["val_top1"] > best["val_top1"]
@@ -350,7 +353,7 @@ def run_trainer(script, args, make_config, prepare_run, load_demo_teacher):
         cfg = make_config(args)
         configure_torch(cfg)
         run = prepare_run(cfg, env)
-    except (ValueError, FileNotFoundError, BadImageError) as error:
+    except (ValueError, FileNotFoundError, ImportError, BadImageError) as error:
         stop(f"{script}: error: {error}", 2)
     try:
         if cfg.teacher is not None and run.teacher is None:

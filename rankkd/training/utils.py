@@ -134,8 +134,9 @@ class RunLock:
     the folder when missing. When another process holds the lock, wait=False raises a FolderInUseError at once,
     naming the folder and that process; wait=True (a cache that runs share) says once whom it waits for, then blocks
     until that process is done. Within one process the lock nests: taking it again while held is a no-op (the demo
-    teacher is trained under its cache folder's lock by a run that locks the same folder). Forked children (loader
-    workers) share the lock and end with their parent. `what` names the folder in messages ("--out", "cache")."""
+    teacher is trained under its cache folder's lock by a run that locks the same folder). A forked child (a loader
+    worker) closes its copies of the descriptors at once, so the lock goes with the process that took it, even when a
+    worker outlives it for a while. `what` names the folder in messages ("--out", "cache")."""
 
     _held = {}  # lock file's real path -> [file descriptor, nesting depth], for this process
     file_name = ".lock"
@@ -182,6 +183,12 @@ class RunLock:
             os.ftruncate(held[0], 0)  # no claim left behind for the next process to misread as its holder's
             os.close(held[0])  # closing the last descriptor drops the flock
 
+    @staticmethod
+    def _forget_in_forked_child():
+        for descriptor, _depth in RunLock._held.values():
+            os.close(descriptor)  # the parent's descriptor, and with it the lock, stays open
+        RunLock._held.clear()
+
     def __enter__(self):
         return self.acquire()
 
@@ -200,6 +207,9 @@ class RunLock:
                 return f"process {holder['pid']} on {holder['host']} (since {holder['since']})"
             time.sleep(0.05)
         return "another process"
+
+
+os.register_at_fork(after_in_child=RunLock._forget_in_forked_child)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -276,13 +286,18 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all([torch.tensor(cuda_state, dtype=torch.uint8) for cuda_state in state["cuda"]])
 
 
+def all_gather_objects(obj):
+    """Every process's `obj`, in rank order (a collective: all ranks call it)."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def gather_rng_states():
     """Every process's RNG state, in rank order (a collective: all ranks call it)."""
-    if not dist.is_initialized():
-        return [rng_state()]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, rng_state())
-    return states
+    return all_gather_objects(rng_state())
 
 
 def seed_everything(seed):
