@@ -34,8 +34,9 @@ def cifar_folder(tmp_path_factory):
     return write_cifar100(tmp_path_factory.mktemp("data"))
 
 
-TINY = ["--teacher", "resnet8", "--teacher-weights", "random", "--student", "resnet8", "--batch-size", "32",
-        "--log-every", "4", "--seed", "5"]
+TINY_TEACHER = ["--teacher", "resnet8", "--teacher-weights", "random", "--batch-size", "32", "--log-every", "4",
+                "--seed", "5"]
+TINY = [*TINY_TEACHER, "--student", "resnet8"]
 
 
 def train(folder, *args, cache=None, timeout=240):
@@ -71,13 +72,18 @@ def test_cifar_folder_trains_and_evaluates(cifar_folder, tmp_path):
 
 
 def test_small_lr_students_and_per_pair_dkd_beta(cifar_folder, tmp_path):
-    # mdistiller: lr 0.01 for ShuffleNet / MobileNetV2 students; DKD beta 2 for res56_res20, 6 for vgg13_mv2.
-    for pair, lr, beta in (("res56_res20", 0.05, 2.0), ("vgg13_mv2", 0.01, 6.0), ("res32x4_shuv2", 0.01, 8.0)):
-        out = tmp_path / pair
-        result = train(cifar_folder, *TINY, "--pair", pair, "--method", "dkd", "--epochs", "1", "--out", str(out))
+    # mdistiller: lr 0.01 for ShuffleNet / MobileNetV2 students; DKD beta 2 for res56_res20, 6 for vgg13_mv2. The lr
+    # follows the student that actually trains.
+    cases = (("res56_res20", [], 0.05, 2.0), ("vgg13_mv2", [], 0.01, 6.0), ("res32x4_shuv2", [], 0.01, 8.0),
+             ("res32x4_res8x4", ["--student", "ShuffleV1"], 0.01, 8.0),
+             ("vgg13_mv2", ["--student", "resnet8"], 0.05, 6.0))
+    for pair, student, lr, beta in cases:
+        out = tmp_path / f"{pair}{len(student)}"
+        result = train(cifar_folder, *TINY_TEACHER, *student, "--pair", pair, "--method", "dkd", "--epochs", "1",
+                       "--out", str(out))
         assert result.returncode == 0, result.stdout + result.stderr
         config = json.loads((out / "config.json").read_text())
-        assert (config["lr"], config["dkd_beta"]) == (lr, beta), pair
+        assert (config["lr"], config["dkd_beta"]) == (lr, beta), (pair, student)
 
 
 def test_synthetic_data_runs_the_pair_models(tmp_path):

@@ -77,18 +77,29 @@ def _collate(samples: list[tuple[torch.Tensor, int]], *, channels_last: bool) ->
 
 def _make_loader(dataset: _ImageFiles, sampler: _Keys, *, batch_size: int, num_workers: int, device: torch.device,
                  channels_last: bool, drop_last: bool) -> DataLoader:
+    # A generator of its own: without one, starting the workers would draw their base seed from the global generator,
+    # shifting the training's random streams (dropout, drop-path) by where a resumed run first iterates. The samples
+    # are seeded by their keys, so the workers' seeds do not matter.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=partial(_collate, channels_last=channels_last), drop_last=drop_last,
-                      pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
+                      pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+                      generator=torch.Generator())
 
 
 def _to_device(batches: DataLoader, device: torch.device, channels_last: bool
                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for images, labels in batches:
-        # .contiguous is a no-op unless pinning lost the channels_last strides.
-        yield (images.to(device, non_blocking=True).contiguous(memory_format=memory_format),
-               labels.to(device, non_blocking=True))
+    try:
+        for images, labels in batches:
+            # .contiguous is a no-op unless pinning lost the channels_last strides.
+            yield (images.to(device, non_blocking=True).contiguous(memory_format=memory_format),
+                   labels.to(device, non_blocking=True))
+    except BadImageError as error:
+        # Raised in a worker, it arrives with the worker's traceback in its message: keep the line naming the file.
+        lines = [line for line in str(error).splitlines() if "cannot decode image file" in line]
+        if not lines:
+            raise
+        raise BadImageError(lines[-1][lines[-1].index("cannot decode image file"):]) from None
 
 
 def _normalize_transforms():
