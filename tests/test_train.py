@@ -399,3 +399,21 @@ def test_dkd_warm_up_sees_epochs_counted_from_one(tmp_path):
     for epoch in range(3):
         train_one_epoch(epoch, run, env, forward, optimizer, scaler, contextlib.nullcontext, epoch_tensor)
     assert seen == [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]
+
+
+def test_two_runs_needing_one_demo_teacher_train_it_once(tmp_path):
+    # Both start on an empty cache: one trains the teacher, the other waits for it and then uses it.
+    cache = tmp_path / "cache"
+    prepare_demo(cache)
+    command = [sys.executable, str(TRAINER), "--image-size", "16", "--batch-size", "128", "--epochs", "1"]
+    runs = [subprocess.Popen([*command, "--out", str(tmp_path / f"run{i}")], env=run_env(cache), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    # Exactly one trains it (without the cache lock both would, into one folder); the other normally says that it
+    # waits, unless it started only after the teacher was done.
+    trained = [out for out, _ in outputs if "training the teacher demo_cnn_large first" in out]
+    assert len(trained) == 1, outputs
+    assert len(list((cache / "teachers").iterdir())) == 1  # one cache entry, whose teacher both runs used
+    teachers = [metrics(tmp_path / f"run{i}")[-1]["teacher_top1"] for i in range(2)]
+    assert teachers[0] == teachers[1]
