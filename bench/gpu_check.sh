@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
 # The GPU check, in one run on a GPU machine with torch preinstalled:
-#   bash bench/gpu_check.sh [OUTDIR]     (default OUTDIR: bench/results)
+#   bash bench/gpu_check.sh [OUTDIR] [all|rank-cost]     (default OUTDIR: bench/results; default all)
 # builds rankkd (CUDA kernels for this GPU), runs the GPU tests, bench/loss_bench.py (fp32 and bf16 with the default
 # precision "fast", fp32 with precision "exact"), the ImageNet trainer's synthetic ResNet-34 -> ResNet-18 KD +
 # ranking-loss throughput run and the CIFAR-100 trainer's synthetic ResNet32x4 -> ResNet8x4 one, and writes the logs
 # and result files into OUTDIR. Each step has its own time limit; the limits add up to 590 s, under the device tool's
 # 10 minutes a call (the expected run: about 7 minutes). A failing step is reported and the rest still run; the exit
 # status says whether all passed.
+# rank-cost (a second device call): the build, then the same two trainer runs with --rank-weight 0, so that the
+# ranking loss's share of the step is the difference of the two calls' train_img_s.
 # Everything printed goes to OUTDIR/gpu_check.log, beside the result files (at most 8 files: what the device tool
 # brings back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(mkdir -p "${1:-bench/results}" && cd "${1:-bench/results}" && pwd)
+mode=${2:-all}
+case $mode in
+  all) rank_args=() suffix="" ;;
+  rank-cost) rank_args=(--rank-weight 0) suffix="_no_rank" ;;
+  *) echo "gpu_check.sh: the second argument must be all or rank-cost, got '$mode'" >&2; exit 2 ;;
+esac
 export PYTHONUNBUFFERED=1
 if [ -z "${CUDA_HOME:-}" ]; then  # the toolkit root that nvcc belongs to (the nvcc on PATH may be a wrapper)
   for candidate in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"; do
@@ -40,29 +48,31 @@ log=$out/gpu_check.log
 cat "$log"
 
 step build 90 env MAX_JOBS=16 python setup.py develop
-# RANKKD_EXPECT_CUDA_KERNEL=1: a build that left out the CUDA kernel fails the tests instead of skipping them.
-step tests 200 env RANKKD_EXPECT_CUDA_KERNEL=1 python -m pytest -q -x tests/test_kendall.py tests/test_triton.py tests/test_cuda.py tests/test_losses.py \
-  tests/test_distill.py
-step bench_fp32 80 python bench/loss_bench.py --device cuda --dtype float32 --json "$out/loss_cuda_float32.json"
-step bench_bf16 30 python bench/loss_bench.py --device cuda --dtype bfloat16 --shapes 512x1000,64x4096 \
-  --backends cuda,triton --json "$out/loss_cuda_bfloat16.json"
-# precision "exact" (full float32 math) against the "fast" default above, fp32, both GPU backends.
-step bench_exact 30 python bench/loss_bench.py --device cuda --dtype float32 --precision exact \
-  --shapes 512x1000,64x4096 --backends cuda,triton --json "$out/loss_cuda_float32_exact.json"
+if [ "$mode" = all ]; then
+  # RANKKD_EXPECT_CUDA_KERNEL=1: a build that left out the CUDA kernel fails the tests instead of skipping them.
+  step tests 200 env RANKKD_EXPECT_CUDA_KERNEL=1 python -m pytest -q -x tests/test_kendall.py tests/test_triton.py \
+    tests/test_cuda.py tests/test_losses.py tests/test_distill.py
+  step bench_fp32 80 python bench/loss_bench.py --device cuda --dtype float32 --json "$out/loss_cuda_float32.json"
+  step bench_bf16 30 python bench/loss_bench.py --device cuda --dtype bfloat16 --shapes 512x1000,64x4096 \
+    --backends cuda,triton --json "$out/loss_cuda_bfloat16.json"
+  # precision "exact" (full float32 math) against the "fast" default above, fp32, both GPU backends.
+  step bench_exact 30 python bench/loss_bench.py --device cuda --dtype float32 --precision exact \
+    --shapes 512x1000,64x4096 --backends cuda,triton --json "$out/loss_cuda_float32_exact.json"
+fi
 
 # Images/s of the whole training step (teacher, student, losses) without I/O; metrics.jsonl's train_img_s leaves the
 # first logging interval (compilation, warm-up) out. The run folder stays outside OUTDIR: its checkpoints are large.
 run_dir=$(mktemp -d)/synthetic-r34-r18
-step train_synthetic 70 python train/imagenet.py --data synthetic --teacher resnet34 --student resnet18 \
+step "train_synthetic$suffix" 70 python train/imagenet.py --data synthetic --teacher resnet34 --student resnet18 \
   --loss imagenet-kd-rank --batch-size 256 --precision bf16 --channels-last --compile --epochs 1 \
-  --steps-per-epoch 300 --log-every 100 --out "$run_dir"
-cp "$run_dir/metrics.jsonl" "$out/train_synthetic_metrics.jsonl" 2>/dev/null
+  --steps-per-epoch 300 --log-every 100 "${rank_args[@]}" --out "$run_dir"
+cp "$run_dir/metrics.jsonl" "$out/train_synthetic${suffix}_metrics.jsonl" 2>/dev/null
 # CIFAR-100's recipe step (batch 64, bf16, compiled with CUDA graphs) on 50,000 random images through the
 # device-resident data path, evaluation included: epoch 2's epoch_time_s x 240 is the full recipe's time.
 cifar_dir=$(mktemp -d)/synthetic-res32x4-res8x4
-step cifar_synthetic 90 python train/cifar100.py --data synthetic --pair res32x4_res8x4 --epochs 2 \
-  --log-every 200 --out "$cifar_dir"
-cp "$cifar_dir/metrics.jsonl" "$out/cifar_synthetic_metrics.jsonl" 2>/dev/null
+step "cifar_synthetic$suffix" 90 python train/cifar100.py --data synthetic --pair res32x4_res8x4 --epochs 2 \
+  --log-every 200 "${rank_args[@]}" --out "$cifar_dir"
+cp "$cifar_dir/metrics.jsonl" "$out/cifar_synthetic${suffix}_metrics.jsonl" 2>/dev/null
 tail -n 40 "$log"
 
 if [ ${#failed[@]} -gt 0 ]; then
