@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rankkd.training.data.sharding import TrainShard, val_shard_indices
+from rankkd.training.data.sharding import TrainShard, ValShard
 
 # mdistiller's CIFAR-100 channel statistics (RGB, pixel values in [0, 1]).
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
@@ -351,32 +351,22 @@ class DeviceTrainLoader(TrainShard):
                    self._labels.index_select(0, indices))
 
 
-class DeviceValLoader:
+class DeviceValLoader(ValShard):
     """This rank's contiguous block of the validation images, in order, normalized; the last batch may be partial."""
 
     backend = "device"
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, rank: int, world_size: int,
                  scale: torch.Tensor, shift: torch.Tensor, channels_last: bool):
-        block = torch.from_numpy(val_shard_indices(len(images), rank=rank, world_size=world_size)).to(images.device)
+        super().__init__(len(images), batch_size=batch_size, rank=rank, world_size=world_size)
+        block = torch.from_numpy(self.indices).to(images.device)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # Stored in the output's memory format, so that normalization writes batches in it directly.
         self._images = images.index_select(0, block).contiguous(memory_format=memory_format)
         self._labels = labels.index_select(0, block)
-        self._batch_size = batch_size
         self._scale = scale
         self._shift = shift
         self._channels_last = channels_last
-
-    def set_epoch(self, epoch: int) -> None:
-        """Validation is the same every epoch; accepted so that both loaders share one protocol."""
-
-    def __len__(self) -> int:
-        return -(-len(self._images) // self._batch_size)
-
-    @property
-    def num_samples(self) -> int:
-        return len(self._images)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self._images), self._batch_size):

@@ -37,7 +37,7 @@ import torch
 
 from rankkd.training.data.folder import SplitListing, find_undecodable
 from rankkd.training.data.normalization import IMAGENET_MEAN, IMAGENET_STD
-from rankkd.training.data.sharding import TrainShard, val_shard_indices
+from rankkd.training.data.sharding import TrainShard, ValShard
 
 
 _READER_NAME = "files"
@@ -279,32 +279,21 @@ class DaliTrainLoader(TrainShard):
                              conditionals=self._conditionals)
 
 
-class DaliValLoader:
+class DaliValLoader(ValShard):
     """This rank's block of the validation set, in sorted order; the last batch may be partial."""
 
     backend = "dali"
 
     def __init__(self, listing: SplitListing, *, batch_size: int, image_size: int, resize_shorter: int, rank: int,
                  world_size: int, device: torch.device, decode_on_gpu: bool, num_threads: int, channels_last: bool):
-        indices = val_shard_indices(len(listing), rank=rank, world_size=world_size)
-        self._files = [listing.files[i] for i in indices]
-        self._labels = [listing.labels[i] for i in indices]
-        self._batch_size = batch_size
+        super().__init__(len(listing), batch_size=batch_size, rank=rank, world_size=world_size)
+        self._files = [listing.files[i] for i in self.indices]
+        self._labels = [listing.labels[i] for i in self.indices]
         self._device = device
         self._decode_on_gpu = decode_on_gpu
         self._num_threads = num_threads
         self._channels_last = channels_last
         self._graph_args = {"image_size": image_size, "resize_shorter": resize_shorter}
-
-    def set_epoch(self, epoch: int) -> None:
-        """Validation is the same every epoch; accepted so that both loaders share one protocol."""
-
-    def __len__(self) -> int:
-        return -(-len(self._files) // self._batch_size)
-
-    @property
-    def num_samples(self) -> int:
-        return len(self._files)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # A fresh pipeline per pass: DALI iterators cannot be reset mid-epoch, so a pass abandoned early (a

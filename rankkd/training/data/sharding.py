@@ -77,3 +77,22 @@ class TrainShard:
 
     def epoch_augmentation_seed(self) -> int:
         return augmentation_seed(self._seed, self.epoch, self._rank)
+
+
+class ValShard:
+    """What every val loader shares: this rank's block of the validation set (val_shard_indices), the same every
+    epoch, served in batches of batch_size of which the last may be partial."""
+
+    def __init__(self, num_files: int, *, batch_size: int, rank: int, world_size: int):
+        self.indices = val_shard_indices(num_files, rank=rank, world_size=world_size)
+        self._batch_size = batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Validation is the same every epoch; accepted so that train and val loaders share one protocol."""
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self._batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.indices)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from rankkd.training.data.dali import RANDOM_ERASING_RATIO, RANDOM_ERASING_SCALE
 from rankkd.training.data.folder import BadImageError, SplitListing
 from rankkd.training.data.normalization import IMAGENET_MEAN, IMAGENET_STD
-from rankkd.training.data.sharding import TrainShard, val_shard_indices
+from rankkd.training.data.sharding import TrainShard, ValShard
 
 
 class _ImageFiles(Dataset):
@@ -153,7 +153,7 @@ class TorchvisionTrainLoader(TrainShard):
         return _to_device(self._batches, self._device, self._channels_last)
 
 
-class TorchvisionValLoader:
+class TorchvisionValLoader(ValShard):
     """This rank's block of the validation set, in sorted order; the last batch may be partial."""
 
     backend = "torchvision"
@@ -162,25 +162,15 @@ class TorchvisionValLoader:
                  world_size: int, device: torch.device, num_workers: int, channels_last: bool):
         from torchvision import transforms
 
-        indices = val_shard_indices(len(listing), rank=rank, world_size=world_size)
+        super().__init__(len(listing), batch_size=batch_size, rank=rank, world_size=world_size)
         resize = transforms.Resize(resize_shorter, interpolation=transforms.InterpolationMode.BILINEAR,
                                    antialias=True)
         transform = transforms.Compose([resize, transforms.CenterCrop(image_size)] + _normalize_transforms())
         self._device = device
         self._channels_last = channels_last
-        self._batches = _make_loader(_ImageFiles(listing, transform), _Keys([(i, None) for i in indices.tolist()]),
+        self._batches = _make_loader(_ImageFiles(listing, transform), _Keys([(i, None) for i in self.indices.tolist()]),
                                      batch_size=batch_size, num_workers=num_workers, device=device,
                                      channels_last=channels_last, drop_last=False)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Validation is the same every epoch; accepted so that both loaders share one protocol."""
-
-    def __len__(self) -> int:
-        return len(self._batches)
-
-    @property
-    def num_samples(self) -> int:
-        return len(self._batches.sampler)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return _to_device(self._batches, self._device, self._channels_last)
