@@ -136,13 +136,14 @@ class RunLock:
     until that process is done. Within one process the lock nests: taking it again while held is a no-op (the demo
     teacher is trained under its cache folder's lock by a run that locks the same folder). A forked child (a loader
     worker) closes its copies of the descriptors at once, so the lock goes with the process that took it, even when a
-    worker outlives it for a while. `what` names the folder in messages ("--out", "cache")."""
+    worker outlives it for a while. `what` names the folder in messages ("--out", "cache"); `name` is the lock file's
+    name, for a second lock on one folder (the grid runner's claim on a cell, beside the trainer's own lock)."""
 
     _held = {}  # lock file's real path -> [file descriptor, nesting depth], for this process
     file_name = ".lock"
 
-    def __init__(self, folder, *, wait=False, what="folder"):
-        self.folder, self.wait, self.what = Path(folder), wait, what
+    def __init__(self, folder, *, wait=False, what="folder", name=file_name):
+        self.folder, self.wait, self.what, self.file_name = Path(folder), wait, what, name
         self._key = None
 
     def acquire(self):
@@ -216,7 +217,7 @@ os.register_at_fork(after_in_child=RunLock._forget_in_forked_child)
 # Checkpoints: written atomically, holding everything needed to continue as if never stopped.
 
 
-def _write_atomically(path, write):
+def write_atomically(path, write):
     """Call write(file) on a temporary file in path's folder, flush it to disk, then rename it over `path`: a kill at
     any moment leaves either the old file or the new one, never a torn one."""
     path = Path(path)
@@ -238,12 +239,12 @@ def _write_atomically(path, write):
 
 def save_checkpoint(state, path):
     """torch.save `state` to `path` atomically."""
-    _write_atomically(path, lambda file: torch.save(state, file))
+    write_atomically(path, lambda file: torch.save(state, file))
 
 
 def copy_atomically(source, destination):
     """Copy a file so that `destination` is never seen half-written."""
-    _write_atomically(destination, lambda file: file.write(Path(source).read_bytes()))
+    write_atomically(destination, lambda file: file.write(Path(source).read_bytes()))
 
 
 # What every checkpoint of the trainers in train/ holds (with "scaler", "best" and "last_record" beside them).
@@ -342,7 +343,7 @@ class MetricsLog:
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)["epoch"] <= resumed_epochs]
-        _write_atomically(self.path, lambda file: file.write("".join(line + "\n" for line in kept).encode()))
+        write_atomically(self.path, lambda file: file.write("".join(line + "\n" for line in kept).encode()))
         self.tensorboard = None
         if importlib.util.find_spec("tensorboard") is not None:
             try:
@@ -369,7 +370,7 @@ class MetricsLog:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Progress: tqdm's bar when tqdm is installed, else one printed line per update; only on rank 0.
+# Progress: tqdm's bar on a terminal when tqdm is installed, else one printed line per update; only on rank 0.
 
 
 def format_duration(seconds):
@@ -385,7 +386,9 @@ class Progress:
         self.total, self.description, self.enabled = total, description, enabled
         self.start = time.perf_counter()
         self.bar = None
-        if enabled and importlib.util.find_spec("tqdm") is not None:
+        # A bar redraws with carriage returns: in a log file (a grid cell's train.log, a cluster job) plain lines read
+        # better.
+        if enabled and sys.stdout.isatty() and importlib.util.find_spec("tqdm") is not None:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=description, dynamic_ncols=True, leave=False, file=sys.stdout)
