@@ -1,6 +1,7 @@
 """Shared test setup and helpers (import them with `from conftest import logits, rel_err`)."""
 import importlib.util
 import os
+import pickle
 
 import pytest
 import torch
@@ -22,6 +23,18 @@ def rel_err(out, ref):
     """||out - ref|| / ||ref|| in float64."""
     out, ref = out.detach().double(), ref.detach().double()
     return ((out - ref).norm() / ref.norm()).item()
+
+
+def write_cifar100(root, num_train=256, num_test=96, seed=0):
+    """A cifar-100-python folder in the official format (Python-2-style pickles with bytes keys) under `root`."""
+    generator = torch.Generator().manual_seed(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for name, count in (("train", num_train), ("test", num_test)):
+        content = {b"data": torch.randint(256, (count, 3072), generator=generator, dtype=torch.uint8).numpy(),
+                   b"fine_labels": torch.randint(100, (count,), generator=generator).tolist()}
+        (folder / name).write_bytes(pickle.dumps(content, protocol=2))
+    return folder
 
 
 def _dali_installed():

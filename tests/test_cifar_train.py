@@ -12,21 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_cifar100
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINER = REPO / "train" / "cifar100.py"
-
-
-def write_cifar100(root, num_train=256, num_test=96, seed=0):
-    """A cifar-100-python folder in the official format (Python-2-style pickles with bytes keys)."""
-    generator = torch.Generator().manual_seed(seed)
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    for name, count in (("train", num_train), ("test", num_test)):
-        content = {b"data": torch.randint(256, (count, 3072), generator=generator, dtype=torch.uint8).numpy(),
-                   b"fine_labels": torch.randint(100, (count,), generator=generator).tolist()}
-        (folder / name).write_bytes(pickle.dumps(content, protocol=2))
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,260 @@
+"""The CIFAR-100 grid runner, train/cifar100_table.py, run as users run it: a grid on a generated CIFAR-format folder
+with teachers in mdistiller's release layout, its table checked against the runs' own metrics.jsonl; a second
+invocation that skips everything; a runner killed mid-cell and restarted; two torchrun processes sharing one grid;
+the demo; bad settings refused before any run. Tiny data (128 train images) keeps each cell to seconds."""
+import csv
+import fcntl
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_cifar100
+
+from rankkd.distill import CIFAR100_PUBLISHED_TOP1
+from rankkd.models import cifar
+
+REPO = Path(__file__).resolve().parents[1]
+RUNNER = REPO / "train" / "cifar100_table.py"
+PAIRS = {"res56_res20": "resnet56", "res110_res32": "resnet110"}  # the two smallest teachers of mdistiller's pairs
+TINY_RUNS = ["--", "--batch-size", "32", "--log-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_cifar100(tmp_path_factory.mktemp("data"), num_train=128, num_test=64)
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """Untrained teachers saved as mdistiller's cifar_teachers.tar holds them."""
+    root = tmp_path_factory.mktemp("cifar_teachers")
+    torch.manual_seed(0)
+    for name in PAIRS.values():
+        (root / f"{name}_vanilla").mkdir()
+        torch.save({"model": cifar.build(name).state_dict(), "epoch": 240}, root / f"{name}_vanilla/ckpt_epoch_240.pth")
+    return root
+
+
+def run_grid(*args, cache=None, timeout=600):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"RANKKD_CACHE": str(cache)} if cache else {})}
+    return subprocess.run([sys.executable, str(RUNNER), *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_csv(out):
+    with open(out / "results.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def number(text):
+    return None if text == "" else float(text)
+
+
+def expected_row(folders):
+    """What the table must say of a group of runs, computed here from their metrics.jsonl."""
+    runs = [metrics(folder) for folder in folders]
+    best = [max(record["val_top1"] for record in records) for records in runs]
+    last = [records[-1]["val_top1"] for records in runs]
+    return {"seeds": len(runs), "epochs": runs[0][-1]["epoch"],
+            "top1_best_mean": statistics.fmean(best), "top1_last_mean": statistics.fmean(last),
+            "top1_best_std": statistics.stdev(best) if len(runs) > 1 else None,
+            "top1_last_std": statistics.stdev(last) if len(runs) > 1 else None,
+            "tau_mean": statistics.fmean(records[-1]["val_tau"] for records in runs),
+            "teacher_top1": statistics.fmean(records[-1]["teacher_top1"] for records in runs),
+            "time_per_run_s": statistics.fmean(sum(r["epoch_time_s"] for r in records) for records in runs)}
+
+
+def check_row(row, expected):
+    assert int(row["seeds"]) == expected["seeds"] and int(row["epochs"]) == expected["epochs"], row
+    for key, value in expected.items():
+        if key in ("seeds", "epochs"):
+            continue
+        assert (number(row[key]) is None) == (value is None), (key, row)
+        if value is not None:
+            assert number(row[key]) == pytest.approx(value, rel=1e-12, abs=1e-12), (key, row)
+
+
+def test_grid_table_equals_the_runs_metrics_and_a_second_invocation_skips_every_cell(data, teachers, tmp_path):
+    out = tmp_path / "table"
+    result = run_grid("--data", data, "--teachers", teachers, "--out", out, "--pairs", ",".join(PAIRS),
+                      "--methods", "kd,kd+rank", "--epochs", 1, *TINY_RUNS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("start ") == 4 and result.stdout.count("done ") == 4, result.stdout
+    rows = read_csv(out)
+    assert [(row["pair"], row["method"]) for row in rows] == [(pair, method) for pair in PAIRS
+                                                               for method in ("kd", "kd+rank")]
+    table = (out / "table.md").read_text()
+    for row in rows:
+        folder = out / row["pair"] / ("kd" if row["method"] == "kd" else "kd-rank-k1") / "seed0"
+        expected = expected_row([folder])
+        check_row(row, expected)
+        config = json.loads((folder / "config.json").read_text())
+        assert config["rank_weight"] == (0.0 if row["method"] == "kd" else config["ce_weight"]) and config["epochs"] == 1
+        assert config["teacher_weights"] == str(teachers / f"{PAIRS[row['pair']]}_vanilla/ckpt_epoch_240.pth")
+        published = CIFAR100_PUBLISHED_TOP1[row["pair"]]["kd"] if row["method"] == "kd" else None
+        assert number(row["published_top1"]) == published
+        line = next(line for line in table.splitlines()
+                    if line.startswith(f"| {row['pair']} |") and f"| {row['method']}" in line)
+        assert f"| {expected['top1_best_mean']:.2f} | {expected['top1_last_mean']:.2f} |" in line, line
+        assert f"| {expected['tau_mean']:.3f} |" in line, line
+    for pair in PAIRS:
+        base, ranked = (next(row for row in rows if row["pair"] == pair and row["method"] == method)
+                        for method in ("kd", "kd+rank"))
+        assert number(ranked["rank_gain_best"]) == pytest.approx(number(ranked["top1_best_mean"])
+                                                                 - number(base["top1_best_mean"]), abs=1e-12)
+        assert number(ranked["rank_gain_last"]) == pytest.approx(number(ranked["top1_last_mean"])
+                                                                 - number(base["top1_last_mean"]), abs=1e-12)
+        assert number(base["rank_gain_best"]) is None
+    png = (out / "table.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    import matplotlib.image
+
+    assert matplotlib.image.imread(out / "table.png").shape[2] in (3, 4)
+
+    runs = sorted(out.glob("*/*/seed0"))
+    before = {folder: ((folder / "metrics.jsonl").read_bytes(), (folder / "last.pt").stat().st_mtime_ns)
+              for folder in runs}
+    again = run_grid("--data", data, "--teachers", teachers, "--out", out, "--pairs", ",".join(PAIRS),
+                     "--methods", "kd,kd+rank", "--epochs", 1, *TINY_RUNS)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "4 of 4 cells already finished: skipped" in again.stdout and "start " not in again.stdout, again.stdout
+    assert before == {folder: ((folder / "metrics.jsonl").read_bytes(), (folder / "last.pt").stat().st_mtime_ns)
+                      for folder in runs}
+    assert read_csv(out) == rows
+
+
+def test_seeds_and_rank_k_are_axes(data, teachers, tmp_path):
+    out = tmp_path / "table"
+    result = run_grid("--data", data, "--teachers", teachers, "--out", out, "--pairs", "res56_res20",
+                      "--methods", "kd+rank", "--seeds", "0,1", "--rank-k", "1,100", "--epochs", 1, *TINY_RUNS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = read_csv(out)
+    assert [(row["method"], number(row["rank_k"])) for row in rows] == [("kd+rank", 1.0), ("kd+rank", 100.0)]
+    for row in rows:
+        folders = [out / "res56_res20" / f"kd-rank-k{number(row['rank_k']):g}" / f"seed{seed}" for seed in (0, 1)]
+        check_row(row, expected_row(folders))
+        for seed, folder in enumerate(folders):
+            config = json.loads((folder / "config.json").read_text())
+            assert (config["rank_k"], config["seed"]) == (number(row["rank_k"]), seed)
+    assert "kd+rank k=100 |" in (out / "table.md").read_text()
+
+
+def _lock_is_free(path):
+    with open(path, "rb") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(file, fcntl.LOCK_UN)
+        return True
+
+
+def test_a_killed_runner_resumes_its_cell_from_the_last_checkpoint(data, teachers, tmp_path):
+    """SIGKILL the runner mid-cell: its run ends with it (it does not live on holding the folder), and the same
+    command continues that cell from its checkpoint instead of starting over."""
+    out = tmp_path / "table"
+    args = ["--data", data, "--teachers", teachers, "--out", out, "--pairs", "res56_res20", "--methods", "kd",
+            "--epochs", 3, *TINY_RUNS]
+    runner = subprocess.Popen([sys.executable, str(RUNNER), *map(str, args)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    cell = out / "res56_res20" / "kd" / "seed0"
+    deadline = time.monotonic() + 300
+    while not ((cell / "metrics.jsonl").exists() and (cell / "metrics.jsonl").read_text().strip()):
+        assert runner.poll() is None and time.monotonic() < deadline, "the cell's first epoch never finished"
+        time.sleep(0.05)
+    runner.send_signal(signal.SIGKILL)
+    runner.wait()
+    first_epoch = metrics(cell)[0]
+    deadline = time.monotonic() + 60
+    while not _lock_is_free(cell / ".lock"):  # the run got SIGTERM when its runner died
+        assert time.monotonic() < deadline, "the run outlived its killed runner"
+        time.sleep(0.1)
+    assert not (cell / "done.json").exists()
+
+    result = run_grid(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = (cell / "train.log").read_text()
+    assert log.count("==== ") == 2 and "resuming" in log, log
+    records = metrics(cell)
+    assert [record["epoch"] for record in records] == [1, 2, 3]
+    assert records[0] == first_epoch  # continued, not restarted
+
+
+def test_two_torchrun_processes_share_the_grid(data, teachers, tmp_path):
+    """Every cell runs once, in one of the two processes (the runs themselves are single-process: the launcher's
+    variables do not reach them)."""
+    out = tmp_path / "table"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(RUNNER),
+               "--data", str(data), "--teachers", str(teachers), "--out", str(out), "--pairs", ",".join(PAIRS),
+               "--methods", "kd,kd+rank", "--epochs", "1", *TINY_RUNS]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    logs = [(folder / "train.log").read_text() for folder in sorted(out.glob("*/*/seed0"))]
+    assert len(logs) == 4 and all(log.count("==== ") == 1 for log in logs)
+    assert all("1 process(es) on cpu" in log for log in logs)
+    starts = [line for line in result.stdout.splitlines() if " start " in line]
+    assert len(starts) == 4 and {line.split("]")[0] for line in starts} == {"[process 0", "[process 1"}, starts
+    assert len(read_csv(out)) == 4
+
+
+@pytest.mark.slow
+def test_demo_grid(tmp_path):
+    """`python train/cifar100_table.py` on the demo digits: its two pairs share the cached demo teacher, trained
+    once."""
+    out = tmp_path / "table"
+    result = run_grid("--out", out, "--methods", "kd,kd+rank", "--epochs", 1, cache=tmp_path / "cache")
+    assert result.returncode == 0, result.stdout + result.stderr
+    logs = "".join((folder / "train.log").read_text() for folder in out.glob("*/*/seed0"))
+    assert logs.count("training the teacher resnet14 first") == 1
+    rows = read_csv(out)
+    assert {(row["pair"], row["method"]) for row in rows} == {(pair, method) for pair in
+                                                              ("demo_res14_res8", "demo_res14_wrn_16_1")
+                                                              for method in ("kd", "kd+rank")}
+    for row in rows:
+        folder = out / row["pair"] / ("kd" if row["method"] == "kd" else "kd-rank-k1") / "seed0"
+        check_row(row, expected_row([folder]))
+        assert number(row["teacher_top1"]) >= 90  # the trained demo teacher, not an untrained one
+    assert (out / "table.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("case", ["missing teachers", "unknown pair", "unknown method", "k without rank",
+                                  "trainer option", "no teachers", "topk over classes"])
+def test_bad_settings_are_refused_before_any_run(data, teachers, tmp_path, case):
+    out = tmp_path / "table"
+    args = {
+        "missing teachers": (["--teachers", tmp_path / "few", "--pairs", "res56_res20,res110_res32,res32x4_res8x4"],
+                             "missing teacher checkpoint(s): "),
+        "unknown pair": (["--teachers", teachers, "--pairs", "res56_res20,res9_res1"], "--pairs: unknown res9_res1"),
+        "unknown method": (["--teachers", teachers, "--methods", "kd,kd+ranked"], "--methods: unknown kd+ranked"),
+        "k without rank": (["--teachers", teachers, "--methods", "kd,dkd", "--rank-k", "100"],
+                           "--rank-k and --rank-topk set the ranking loss of +rank methods"),
+        "trainer option": (["--teachers", teachers, "--", "--no-such-option"], "refused the options after --"),
+        "no teachers": ([], "--teachers is needed"),
+        "topk over classes": (["--teachers", teachers, "--pairs", "res56_res20", "--methods", "kd+rank",
+                               "--rank-topk", "101"], "--rank-topk 101 is more than the 100 classes"),
+    }
+    extra, message = args[case]
+    if case == "missing teachers":
+        (tmp_path / "few" / "resnet56_vanilla").mkdir(parents=True)
+        (tmp_path / "few" / "resnet56_vanilla" / "ckpt_epoch_240.pth").write_bytes(
+            (teachers / "resnet56_vanilla" / "ckpt_epoch_240.pth").read_bytes())
+    result = run_grid("--data", data, "--out", out, *extra)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr, result.stderr
+    if case == "missing teachers":  # every missing file is named, the present one is not
+        for name in ("resnet110", "resnet32x4"):
+            assert str(tmp_path / "few" / f"{name}_vanilla" / "ckpt_epoch_240.pth") in result.stderr
+        assert "resnet56_vanilla" not in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
