@@ -3,6 +3,7 @@ with teachers in mdistiller's release layout, its table checked against the runs
 invocation that skips everything; a runner killed mid-cell and restarted; two torchrun processes sharing one grid;
 the demo; bad settings refused before any run. Tiny data (128 train images) keeps each cell to seconds."""
 import csv
+import dataclasses
 import fcntl
 import json
 import os
@@ -137,8 +138,12 @@ def test_grid_table_equals_the_runs_metrics_and_a_second_invocation_skips_every_
 def test_seeds_and_rank_k_are_axes(data, teachers, tmp_path):
     out = tmp_path / "table"
     result = run_grid("--data", data, "--teachers", teachers, "--out", out, "--pairs", "res56_res20",
-                      "--methods", "kd+rank", "--seeds", "0,1", "--rank-k", "1,100", "--epochs", 1, *TINY_RUNS)
+                      "--methods", "kd+rank", "--seeds", "0,1", "--rank-k", "1,100", "--epochs", 1, "--parallel", 2,
+                      *TINY_RUNS)
     assert result.returncode == 0, result.stdout + result.stderr
+    events = [line.split()[0] for line in result.stdout.splitlines() if line.startswith(("start ", "done "))]
+    assert events[:2] == ["start", "start"] and events.count("start") == 4, result.stdout  # two cells at once
+    assert "2 cell(s) at once, 1 thread(s) each" in result.stdout  # the 2 cores shared out
     rows = read_csv(out)
     assert [(row["method"], number(row["rank_k"])) for row in rows] == [("kd+rank", 1.0), ("kd+rank", 100.0)]
     for row in rows:
@@ -229,7 +234,8 @@ def test_demo_grid(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing teachers", "unknown pair", "unknown method", "k without rank",
-                                  "trainer option", "no teachers", "topk over classes"])
+                                  "trainer option", "no teachers", "topk over classes", "other data",
+                                  "demo with teachers"])
 def test_bad_settings_are_refused_before_any_run(data, teachers, tmp_path, case):
     out = tmp_path / "table"
     args = {
@@ -243,13 +249,18 @@ def test_bad_settings_are_refused_before_any_run(data, teachers, tmp_path, case)
         "no teachers": ([], "--teachers is needed"),
         "topk over classes": (["--teachers", teachers, "--pairs", "res56_res20", "--methods", "kd+rank",
                                "--rank-topk", "101"], "--rank-topk 101 is more than the 100 classes"),
+        "other data": (["--teachers", teachers, "--pairs", "res56_res20"], "holds runs on --data /elsewhere/cifar-100-python, not "),
+        "demo with teachers": (["--teachers", teachers], "--teachers: the demo trains its own teacher"),
     }
     extra, message = args[case]
     if case == "missing teachers":
         (tmp_path / "few" / "resnet56_vanilla").mkdir(parents=True)
         (tmp_path / "few" / "resnet56_vanilla" / "ckpt_epoch_240.pth").write_bytes(
             (teachers / "resnet56_vanilla" / "ckpt_epoch_240.pth").read_bytes())
-    result = run_grid("--data", data, "--out", out, *extra)
+    if case == "other data":
+        out.mkdir()
+        (out / "grid.json").write_text(json.dumps({"data": "/elsewhere/cifar-100-python"}))
+    result = run_grid("--data", "demo" if case == "demo with teachers" else data, "--out", out, *extra)
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr, result.stderr
     if case == "missing teachers":  # every missing file is named, the present one is not
@@ -257,4 +268,58 @@ def test_bad_settings_are_refused_before_any_run(data, teachers, tmp_path, case)
             assert str(tmp_path / "few" / f"{name}_vanilla" / "ckpt_epoch_240.pth") in result.stderr
         assert "resnet56_vanilla" not in result.stderr
     assert "Traceback" not in result.stderr
-    assert not out.exists()
+    assert sorted(path.name for path in out.iterdir()) == ["grid.json"] if case == "other data" else not out.exists()
+
+
+def write_cell(out, cell, top1s, taus, seconds=2.0, finished=True):
+    """A cell folder as the runner leaves it, with the given per-epoch validation results."""
+    folder = out / cell.folder
+    folder.mkdir(parents=True)
+    (folder / "cell.json").write_text(json.dumps({"cell": dataclasses.asdict(cell), "command": []}))
+    records = [{"epoch": epoch + 1, "val_top1": top1, "val_tau": tau, "teacher_top1": 75.0, "epoch_time_s": seconds}
+               for epoch, (top1, tau) in enumerate(zip(top1s, taus))]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    if finished:
+        (folder / "done.json").write_text(json.dumps({"epochs": len(records), "time": 0.0}))
+    return folder
+
+
+def test_table_groups_seeds_and_lengths_and_skips_the_chart_without_matplotlib(tmp_path, monkeypatch):
+    """The table's arithmetic on made-up runs: mean and std over seeds, runs of another length in their own row
+    (with their own baseline), unfinished runs left out, the published DKD number; without matplotlib no chart."""
+    sys.path.insert(0, str(REPO / "train"))
+    import cifar100_table as grid
+
+    generator = torch.Generator().manual_seed(1)
+    out = tmp_path / "table"
+
+    def results(epochs):
+        return (60 + 20 * torch.rand(epochs, generator=generator, dtype=torch.float64)).tolist(), \
+            torch.rand(epochs, generator=generator, dtype=torch.float64).tolist()
+
+    groups = {}
+    for method, rank_k in (("kd", None), ("kd+rank", 100.0)):
+        groups[method, 3] = [write_cell(out, grid.Cell("res56_res20", method, seed, rank_k), *results(3))
+                             for seed in (0, 1, 2)]
+        groups[method, 1] = [write_cell(out, grid.Cell("res56_res20", method, 3, rank_k), *results(1))]
+    write_cell(out, grid.Cell("res56_res20", "kd", 4), *results(2), finished=False)
+    groups["dkd", 2] = [write_cell(out, grid.Cell("res110_res32", "dkd", 0), *results(2))]
+    (out / "table.png").write_bytes(b"an old chart")
+    monkeypatch.setattr(grid, "matplotlib_installed", lambda: False)
+
+    rows = grid.write_table(out, "demo", "progress")
+    assert [(row["pair"], row["method"], row["epochs"]) for row in rows] == [
+        ("res56_res20", "kd", 1), ("res56_res20", "kd", 3), ("res56_res20", "kd+rank", 1),
+        ("res56_res20", "kd+rank", 3), ("res110_res32", "dkd", 2)]
+    written = read_csv(out)
+    for row, (method, epochs) in zip(written, [(r["method"], r["epochs"]) for r in rows]):
+        check_row(row, expected_row(groups[method, epochs]))
+        if method == "kd+rank":
+            baseline = next(other for other in written if other["method"] == "kd" and int(other["epochs"]) == epochs)
+            assert number(row["rank_gain_best"]) == pytest.approx(
+                number(row["top1_best_mean"]) - number(baseline["top1_best_mean"]), abs=1e-12)
+            assert number(row["rank_k"]) == 100.0
+    assert number(written[-1]["published_top1"]) == CIFAR100_PUBLISHED_TOP1["res110_res32"]["dkd"]
+    assert number(written[0]["published_top1"]) == CIFAR100_PUBLISHED_TOP1["res56_res20"]["kd"]
+    assert not (out / "table.png").exists()
+    assert "table.png is skipped: matplotlib is not installed" in (out / "table.md").read_text()

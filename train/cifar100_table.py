@@ -216,6 +216,9 @@ def check_grid(args, cells, device):
 
 def check_args(args):
     if args.data in ("demo", "synthetic"):
+        if args.data == "demo" and args.teachers is not None:
+            raise ValueError("--teachers: the demo trains its own teacher (the digits have 10 classes, mdistiller's "
+                             "teachers 100)")
         pairs = args.pairs or list(DEMO_PAIRS if args.data == "demo" else trainer.PAIRS)
     else:
         if not Path(args.data).exists():
@@ -408,9 +411,10 @@ def mean_std(mean, std):
 
 
 def markdown_table(rows, data, progress):
+    chart = "" if matplotlib_installed() else " The chart table.png is skipped: matplotlib is not installed."
     lines = [
         "# Logit distillation with and without the Kendall ranking loss", "",
-        f"Data: {data}. {progress}. Written {time.strftime('%Y-%m-%d %H:%M:%S')}.", "",
+        f"Data: {data}. {progress}. Written {time.strftime('%Y-%m-%d %H:%M:%S')}.{chart}", "",
         "Top-1 (%) on the validation set, mean ± standard deviation over the finished seeds: *best* is each run's best "
         "epoch, *last* its final epoch. τ: mean Kendall τ-b between student and teacher logits (final epoch). "
         "Time: training and evaluation per run. Published: mdistiller's README (240 epochs, no ranking loss). "
@@ -493,9 +497,15 @@ def write_table(out, data, progress):
         rows = table_rows(out)
         write_atomically(out / "table.md", lambda file: file.write(markdown_table(rows, data, progress).encode()))
         write_atomically(out / "results.csv", lambda file: file.write(csv_text(rows).encode()))
-        if rows and importlib.util.find_spec("matplotlib") is not None:
+        if not matplotlib_installed():
+            (out / "table.png").unlink(missing_ok=True)  # an old chart would disagree with the table
+        elif rows:
             plot(rows, out / "table.png", data)
     return rows
+
+
+def matplotlib_installed():
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -706,7 +716,7 @@ def main(argv=None):
         sys.exit(130 if isinstance(stopped, KeyboardInterrupt) else stopped.code)
     rows = write_table(args.out, args.data, runner.progress())
     if launch.rank == 0:
-        plot_note = "" if importlib.util.find_spec("matplotlib") else " (table.png skipped: matplotlib is not installed)"
+        plot_note = "" if matplotlib_installed() else " (table.png skipped: matplotlib is not installed)"
         print(f"\n{args.out / 'table.md'}, {args.out / 'results.csv'}{plot_note}:\n")
         print(markdown_table(rows, args.data, runner.progress()).split("\n\n", 3)[-1])
     if failed:
