@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, in one run on a GPU machine with torch preinstalled:
-#   bash bench/gpu_check.sh [OUTDIR] [all|rank-cost]     (default OUTDIR: bench/results; default all)
+#   bash bench/gpu_check.sh [OUTDIR] [all|rank-cost|grid]     (default OUTDIR: bench/results; default all)
 # builds rankkd (CUDA kernels for this GPU), runs the GPU tests, bench/loss_bench.py (fp32 and bf16 with the default
 # precision "fast", fp32 with precision "exact"), the ImageNet trainer's synthetic ResNet-34 -> ResNet-18 KD +
 # ranking-loss throughput run and the CIFAR-100 trainer's synthetic ResNet32x4 -> ResNet8x4 one, and writes the logs
@@ -9,6 +9,9 @@
 # status says whether all passed.
 # rank-cost (a second device call): the build, then the same two trainer runs with --rank-weight 0, so that the
 # ranking loss's share of the step is the difference of the two calls' train_img_s.
+# grid (a device call of its own): the build, then train/cifar100_table.py on synthetic data, four ResNet32x4 ->
+# ResNet8x4 cells at once on the GPU (--parallel 4, 2 epochs of 300 steps): their summed epoch-2 images/s against the
+# single run's cifar_synthetic number says what running cells side by side gains.
 # Everything printed goes to OUTDIR/gpu_check.log, beside the result files (at most 8 files: what the device tool
 # brings back).
 set -uo pipefail
@@ -18,7 +21,8 @@ mode=${2:-all}
 case $mode in
   all) rank_args=() suffix="" ;;
   rank-cost) rank_args=(--rank-weight 0) suffix="_no_rank" ;;
-  *) echo "gpu_check.sh: the second argument must be all or rank-cost, got '$mode'" >&2; exit 2 ;;
+  grid) ;;
+  *) echo "gpu_check.sh: the second argument must be all, rank-cost or grid, got '$mode'" >&2; exit 2 ;;
 esac
 export PYTHONUNBUFFERED=1
 if [ -z "${CUDA_HOME:-}" ]; then  # the toolkit root that nvcc belongs to (the nvcc on PATH may be a wrapper)
@@ -58,6 +62,23 @@ if [ "$mode" = all ]; then
   # precision "exact" (full float32 math) against the "fast" default above, fp32, both GPU backends.
   step bench_exact 30 python bench/loss_bench.py --device cuda --dtype float32 --precision exact \
     --shapes 512x1000,64x4096 --backends cuda,triton --json "$out/loss_cuda_float32_exact.json"
+fi
+
+if [ "$mode" = grid ]; then
+  grid_dir=$(mktemp -d)/grid
+  step grid 420 python train/cifar100_table.py --data synthetic --pairs res32x4_res8x4 --methods kd+rank \
+    --seeds 0,1,2,3 --epochs 2 --parallel 4 --out "$grid_dir" -- --steps-per-epoch 300 --log-every 100
+  cp "$grid_dir/results.csv" "$out/grid_results.csv" 2>/dev/null
+  python - "$grid_dir" <<'EOF' 2>&1 | tee -a "$log"
+import json, pathlib, sys
+rates = [json.loads(path.read_text().splitlines()[-1])["train_img_s"]
+         for path in sorted(pathlib.Path(sys.argv[1]).glob("*/*/seed*/metrics.jsonl"))]
+print(f"grid: {len(rates)} cells side by side, epoch 2 img/s each {[round(rate) for rate in rates]}, "
+      f"summed {sum(rates):,.0f}")
+EOF
+  [ ${#failed[@]} -eq 0 ] && echo "grid check passed; results in $out" && exit 0
+  echo "FAILED: ${failed[*]}"
+  exit 1
 fi
 
 # Images/s of the whole training step (teacher, student, losses) without I/O; metrics.jsonl's train_img_s leaves the
