@@ -101,7 +101,8 @@ def test_grid_table_equals_the_runs_metrics_and_a_second_invocation_skips_every_
         expected = expected_row([folder])
         check_row(row, expected)
         config = json.loads((folder / "config.json").read_text())
-        assert config["rank_weight"] == (0.0 if row["method"] == "kd" else config["ce_weight"]) and config["epochs"] == 1
+        assert config["rank_weight"] == (0.0 if row["method"] == "kd" else config["ce_weight"])
+        assert config["epochs"] == 1
         assert config["teacher_weights"] == str(teachers / f"{PAIRS[row['pair']]}_vanilla/ckpt_epoch_240.pth")
         published = CIFAR100_PUBLISHED_TOP1[row["pair"]]["kd"] if row["method"] == "kd" else None
         assert number(row["published_top1"]) == published
@@ -249,7 +250,8 @@ def test_bad_settings_are_refused_before_any_run(data, teachers, tmp_path, case)
         "no teachers": ([], "--teachers is needed"),
         "topk over classes": (["--teachers", teachers, "--pairs", "res56_res20", "--methods", "kd+rank",
                                "--rank-topk", "101"], "--rank-topk 101 is more than the 100 classes"),
-        "other data": (["--teachers", teachers, "--pairs", "res56_res20"], "holds runs on --data /elsewhere/cifar-100-python, not "),
+        "other data": (["--teachers", teachers, "--pairs", "res56_res20"],
+                       "holds runs on --data /elsewhere/cifar-100-python, not "),
         "demo with teachers": (["--teachers", teachers], "--teachers: the demo trains its own teacher"),
     }
     extra, message = args[case]

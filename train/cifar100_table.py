@@ -46,7 +46,7 @@ from rankkd.training.utils import (FolderInUseError, RunLock, write_atomically, 
 # ----------------------------------------------------------------------------------------------------------------------
 # The grid's axes and defaults.
 
-BASE_METHODS = ("kd", "dkd", "dist")  # each also as "<method>+rank": the same loss plus the ranking loss at gamma = alpha
+BASE_METHODS = ("kd", "dkd", "dist")  # each also "<method>+rank": the same loss plus the ranking loss at gamma = alpha
 DEFAULT_METHODS = ("kd", "kd+rank", "dkd", "dkd+rank")
 # The demo's pairs: the digits have 10 classes, so mdistiller's CIFAR-100 teachers do not apply; both pairs share the
 # CIFAR demo's teacher resnet14, trained once and cached (train/cifar100.py's demo recipe).
@@ -369,7 +369,8 @@ def table_rows(out):
     """One row per (pair, method with its ranking options): the CSV_COLUMNS, numbers as floats (None when absent)."""
     groups = {}  # runs of different lengths (a short trial, then the full grid) are different rows
     for cell, records in finished_cells(out):
-        groups.setdefault((cell.pair, cell.method, cell.rank_k, cell.rank_topk, records[-1]["epoch"]), []).append(records)
+        key = (cell.pair, cell.method, cell.rank_k, cell.rank_topk, records[-1]["epoch"])
+        groups.setdefault(key, []).append(records)
     pair_order = {pair: index for index, pair in enumerate([*trainer.PAIRS, *DEMO_PAIRS])}
     method_order = {method: index for index, method in enumerate(
         [f"{base}{suffix}" for base in BASE_METHODS for suffix in ("", "+rank")])}
@@ -389,8 +390,8 @@ def table_rows(out):
         rows.append({
             "pair": pair, "teacher": teacher, "student": student, "method": method, "rank_k": rank_k,
             "rank_topk": rank_topk, "seeds": len(runs), "epochs": epochs,
-            "top1_best_mean": statistics.fmean(best), "top1_best_std": statistics.stdev(best) if len(best) > 1 else None,
-            "top1_last_mean": statistics.fmean(last), "top1_last_std": statistics.stdev(last) if len(last) > 1 else None,
+            "top1_best_mean": statistics.fmean(best), "top1_best_std": stdev(best),
+            "top1_last_mean": statistics.fmean(last), "top1_last_std": stdev(last),
             "tau_mean": statistics.fmean(taus) if taus else None,
             "teacher_top1": statistics.fmean(teacher_top1) if teacher_top1 else None,
             "time_per_run_s": statistics.fmean(sum(record["epoch_time_s"] for record in records) for records in runs),
@@ -406,6 +407,11 @@ def table_rows(out):
     return rows
 
 
+def stdev(values):
+    """The sample standard deviation, None for a single value."""
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
 def mean_std(mean, std):
     return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
 
@@ -415,12 +421,12 @@ def markdown_table(rows, data, progress):
     lines = [
         "# Logit distillation with and without the Kendall ranking loss", "",
         f"Data: {data}. {progress}. Written {time.strftime('%Y-%m-%d %H:%M:%S')}.{chart}", "",
-        "Top-1 (%) on the validation set, mean ± standard deviation over the finished seeds: *best* is each run's best "
-        "epoch, *last* its final epoch. τ: mean Kendall τ-b between student and teacher logits (final epoch). "
+        "Top-1 (%) on the validation set, mean ± standard deviation over the finished seeds: *best* is each run's "
+        "best epoch, *last* its final epoch. τ: mean Kendall τ-b between student and teacher logits (final epoch). "
         "Time: training and evaluation per run. Published: mdistiller's README (240 epochs, no ranking loss). "
         "+rank gain: the row's mean top-1 minus its base method's, same pair (best / last).", "",
-        "| pair | teacher → student | method | seeds | epochs | top-1 best | top-1 last | τ | teacher top-1 | time per run "
-        "| published | +rank gain |",
+        "| pair | teacher → student | method | seeds | epochs | top-1 best | top-1 last | τ | teacher top-1 "
+        "| time per run | published | +rank gain |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -432,7 +438,8 @@ def markdown_table(rows, data, progress):
                  "" if row["teacher_top1"] is None else f"{row['teacher_top1']:.2f}",
                  format_duration(row["time_per_run_s"]),
                  "" if row["published_top1"] is None else f"{row['published_top1']:.2f}",
-                 "" if row["rank_gain_best"] is None else f"{row['rank_gain_best']:+.2f} / {row['rank_gain_last']:+.2f}"]
+                 "" if row["rank_gain_best"] is None
+                 else f"{row['rank_gain_best']:+.2f} / {row['rank_gain_last']:+.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     if not rows:
         lines.append("| (no finished run yet) |" + " |" * 11)
@@ -483,7 +490,8 @@ def plot(rows, path, data):
     axes.set_ylim(max(0.0, low - max(2.0, 0.3 * (high - low))), min(100.0, high + max(1.0, 0.1 * (high - low))))
     axes.set_xticks(range(len(pairs)), pairs, rotation=30, ha="right")
     axes.set_ylabel("top-1 (%), best epoch")
-    axes.set_title(f"top-1, mean over seeds ({'demo digits' if data == 'demo' else Path(data).name})", fontsize="medium")
+    data_name = "demo digits" if data == "demo" else Path(data).name
+    axes.set_title(f"top-1, mean over seeds ({data_name})", fontsize="medium")
     axes.legend(fontsize="small", ncol=min(4, len(variants) + 1), loc="lower center", bbox_to_anchor=(0.5, 1.08))
     figure.tight_layout()
     write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=120))
