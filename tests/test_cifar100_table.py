@@ -235,7 +235,7 @@ def test_demo_grid(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing teachers", "unknown pair", "unknown method", "k without rank",
-                                  "trainer option", "no teachers", "topk over classes", "other data",
+                                  "trainer option", "cell option", "no teachers", "topk over classes", "other data",
                                   "demo with teachers"])
 def test_bad_settings_are_refused_before_any_run(data, teachers, tmp_path, case):
     out = tmp_path / "table"
@@ -247,6 +247,8 @@ def test_bad_settings_are_refused_before_any_run(data, teachers, tmp_path, case)
         "k without rank": (["--teachers", teachers, "--methods", "kd,dkd", "--rank-k", "100"],
                            "--rank-k and --rank-topk set the ranking loss of +rank methods"),
         "trainer option": (["--teachers", teachers, "--", "--no-such-option"], "refused the options after --"),
+        "cell option": (["--teachers", teachers, "--", "--rank-w", "0", "--lr", "0.1"],
+                        "the options after -- may not set --rank-weight: the runner sets them for each cell"),
         "no teachers": ([], "--teachers is needed"),
         "topk over classes": (["--teachers", teachers, "--pairs", "res56_res20", "--methods", "kd+rank",
                                "--rank-topk", "101"], "--rank-topk 101 is more than the 100 classes"),

@@ -186,17 +186,35 @@ def teacher_file(teachers, teacher):
 # Checks before any run starts: every cell's settings as the trainer resolves them, the data, every teacher file.
 
 
+# The trainer options that the runner sets for each cell; options after -- must leave them alone.
+CELL_OPTIONS = ("data", "out", "resume", "seed", "device", "pair", "teacher", "student", "teacher_weights", "epochs",
+                "method", "loss", "rank_weight", "rank_k", "rank_topk")
+
+
+def check_trainer_args(args):
+    parser = trainer.make_parser()
+    try:
+        given = vars(parser.parse_args(args.trainer_args))
+    except SystemExit:  # argparse printed what it refused
+        raise ValueError(f"train/cifar100.py refused the options after -- ({' '.join(args.trainer_args)}): see its "
+                         "message above") from None
+    defaults = vars(parser.parse_args([]))
+    taken = ["--" + name.replace("_", "-") for name in CELL_OPTIONS if given[name] != defaults[name]]
+    if taken:
+        raise ValueError(f"the options after -- may not set {', '.join(taken)}: the runner sets them for each cell "
+                         "(its own --data, --out, --seeds, --epochs, --device, --pairs, --teachers, --methods, --rank-k, "
+                         "--rank-topk)")
+
+
 def check_grid(args, cells, device):
     """Each cell's resolved trainer settings (cfg), checked the trainer's way, with the data and teacher files.
     Raises ValueError naming what is wrong; nothing is written."""
+    check_trainer_args(args)
     num_classes = 10 if args.data == "demo" else 100
     configs = {}
     for cell in cells:
         try:
             cfg = trainer.make_config(trainer.make_parser().parse_args(trainer_argv(cell, args)))
-        except SystemExit:  # argparse printed what it refused: an option after "--"
-            raise ValueError(f"train/cifar100.py refused the options after -- ({' '.join(args.trainer_args)}): "
-                             "see its message above") from None
         except ValueError as error:
             raise ValueError(f"cell {cell}: {error}") from None
         check_loss_fits(cfg.loss, num_classes, device)
@@ -618,10 +636,11 @@ class Runner:
             del self.running[slot_index]
             folder = self.folder(cell)
             seconds = time.monotonic() - started
+            records = read_metrics(folder)
+            if code == 0 and (not records or records[-1]["epoch"] < self.epochs[cell]):
+                code = "0, short of its epochs"  # cannot happen with train/cifar100.py as it is; never call it done
             if code == 0:
-                records = read_metrics(folder)
-                write_json(folder / "done.json", {"epochs": records[-1]["epoch"] if records else 0,
-                                                  "time": time.time()})
+                write_json(folder / "done.json", {"epochs": records[-1]["epoch"], "time": time.time()})
                 (folder / "failed.json").unlink(missing_ok=True)
                 claim.release()
                 self.finished_here += 1
