@@ -44,9 +44,10 @@ def teachers(tmp_path_factory):
 
 
 def run_grid(*args, cache=None, timeout=600):
+    """The runner on the CPU (--device cpu: the same on a machine with GPUs)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"RANKKD_CACHE": str(cache)} if cache else {})}
-    return subprocess.run([sys.executable, str(RUNNER), *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, str(RUNNER), "--device", "cpu", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def metrics(folder):
@@ -62,9 +63,10 @@ def number(text):
     return None if text == "" else float(text)
 
 
-def expected_row(folders):
-    """What the table must say of a group of runs, computed here from their metrics.jsonl."""
-    runs = [metrics(folder) for folder in folders]
+def expected_row(folders, epochs=None):
+    """What the table must say of a group of runs, computed here from their metrics.jsonl (up to `epochs`)."""
+    runs = [[record for record in metrics(folder) if epochs is None or record["epoch"] <= epochs]
+            for folder in folders]
     best = [max(record["val_top1"] for record in records) for records in runs]
     last = [records[-1]["val_top1"] for records in runs]
     return {"seeds": len(runs), "epochs": runs[0][-1]["epoch"],
@@ -144,7 +146,8 @@ def test_seeds_and_rank_k_are_axes(data, teachers, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     events = [line.split()[0] for line in result.stdout.splitlines() if line.startswith(("start ", "done "))]
     assert events[:2] == ["start", "start"] and events.count("start") == 4, result.stdout  # two cells at once
-    assert "2 cell(s) at once, 1 thread(s) each" in result.stdout  # the 2 cores shared out
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores shared out
+    assert f"the CPU, 2 cell(s) at once, {threads} CPU thread(s) per run" in result.stdout, result.stdout
     rows = read_csv(out)
     assert [(row["method"], number(row["rank_k"])) for row in rows] == [("kd+rank", 1.0), ("kd+rank", 100.0)]
     for row in rows:
@@ -166,21 +169,25 @@ def _lock_is_free(path):
         return True
 
 
-def test_a_killed_runner_resumes_its_cell_from_the_last_checkpoint(data, teachers, tmp_path):
-    """SIGKILL the runner mid-cell: its run ends with it (it does not live on holding the folder), and the same
-    command continues that cell from its checkpoint instead of starting over."""
+@pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGTERM])
+def test_a_stopped_runner_resumes_its_cell_from_the_last_checkpoint(data, teachers, tmp_path, signal_number):
+    """Stop the runner mid-cell, SIGTERM (it stops its run) or SIGKILL (the run gets SIGTERM as its runner dies): no
+    run lives on holding the folder, and the same command continues that cell from its checkpoint."""
     out = tmp_path / "table"
     args = ["--data", data, "--teachers", teachers, "--out", out, "--pairs", "res56_res20", "--methods", "kd",
             "--epochs", 3, *TINY_RUNS]
-    runner = subprocess.Popen([sys.executable, str(RUNNER), *map(str, args)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    runner = subprocess.Popen([sys.executable, str(RUNNER), "--device", "cpu", *map(str, args)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     cell = out / "res56_res20" / "kd" / "seed0"
     deadline = time.monotonic() + 300
-    while not ((cell / "metrics.jsonl").exists() and (cell / "metrics.jsonl").read_text().strip()):
+    while not (cell / "last.pt").exists():  # the first epoch's checkpoint
         assert runner.poll() is None and time.monotonic() < deadline, "the cell's first epoch never finished"
         time.sleep(0.05)
-    runner.send_signal(signal.SIGKILL)
-    runner.wait()
+    runner.send_signal(signal_number)
+    output = runner.communicate(timeout=120)[0]
+    assert runner.returncode == -signal_number if signal_number == signal.SIGKILL else 128 + signal_number, output
+    if signal_number == signal.SIGTERM:
+        assert "stopped res56_res20 kd seed 0" in output and "the same command continues the grid" in output, output
     first_epoch = metrics(cell)[0]
     deadline = time.monotonic() + 60
     while not _lock_is_free(cell / ".lock"):  # the run got SIGTERM when its runner died
@@ -202,7 +209,7 @@ def test_two_torchrun_processes_share_the_grid(data, teachers, tmp_path):
     variables do not reach them)."""
     out = tmp_path / "table"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(RUNNER),
-               "--data", str(data), "--teachers", str(teachers), "--out", str(out), "--pairs", ",".join(PAIRS),
+               "--device", "cpu", "--data", str(data), "--teachers", str(teachers), "--out", str(out), "--pairs", ",".join(PAIRS),
                "--methods", "kd,kd+rank", "--epochs", "1", *TINY_RUNS]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -236,7 +243,7 @@ def test_demo_grid(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing teachers", "unknown pair", "unknown method", "k without rank",
                                   "trainer option", "cell option", "no teachers", "topk over classes", "other data",
-                                  "demo with teachers"])
+                                  "other options", "demo with teachers", "topk 1", "negative seed"])
 def test_bad_settings_are_refused_before_any_run(data, teachers, tmp_path, case):
     out = tmp_path / "table"
     args = {
@@ -253,17 +260,25 @@ def test_bad_settings_are_refused_before_any_run(data, teachers, tmp_path, case)
         "topk over classes": (["--teachers", teachers, "--pairs", "res56_res20", "--methods", "kd+rank",
                                "--rank-topk", "101"], "--rank-topk 101 is more than the 100 classes"),
         "other data": (["--teachers", teachers, "--pairs", "res56_res20"],
-                       "holds runs on --data /elsewhere/cifar-100-python, not "),
-        "demo with teachers": (["--teachers", teachers], "--teachers: the demo trains its own teacher"),
+                       "holds runs made with --data /elsewhere/cifar-100-python, not "),
+        "other options": (["--teachers", teachers, "--pairs", "res56_res20", "--", "--batch-size", "32"],
+                          "holds runs made with the options after -- ['--batch-size', '16'], not ['--batch-size', "
+                          "'32']: give the same, or another --out"),
+        "demo with teachers": (["--teachers", teachers], "--teachers goes with CIFAR-100 data, not --data demo"),
+        "topk 1": (["--teachers", teachers, "--methods", "kd+rank", "--rank-topk", "all,1"],
+                   "argument --rank-topk: expected comma-separated class counts >= 2 or 'all', got 'all,1'"),
+        "negative seed": (["--teachers", teachers, "--seeds", "0,-1"], "--seeds must be >= 0, got 0,-1"),
     }
     extra, message = args[case]
     if case == "missing teachers":
         (tmp_path / "few" / "resnet56_vanilla").mkdir(parents=True)
         (tmp_path / "few" / "resnet56_vanilla" / "ckpt_epoch_240.pth").write_bytes(
             (teachers / "resnet56_vanilla" / "ckpt_epoch_240.pth").read_bytes())
-    if case == "other data":
+    if case in ("other data", "other options"):
         out.mkdir()
-        (out / "grid.json").write_text(json.dumps({"data": "/elsewhere/cifar-100-python"}))
+        (out / "grid.json").write_text(json.dumps({
+            "data": "/elsewhere/cifar-100-python" if case == "other data" else str(data.resolve()),
+            "trainer_args": ["--batch-size", "16"], "published_baselines": True}))
     result = run_grid("--data", "demo" if case == "demo with teachers" else data, "--out", out, *extra)
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr, result.stderr
@@ -272,7 +287,10 @@ def test_bad_settings_are_refused_before_any_run(data, teachers, tmp_path, case)
             assert str(tmp_path / "few" / f"{name}_vanilla" / "ckpt_epoch_240.pth") in result.stderr
         assert "resnet56_vanilla" not in result.stderr
     assert "Traceback" not in result.stderr
-    assert sorted(path.name for path in out.iterdir()) == ["grid.json"] if case == "other data" else not out.exists()
+    if case in ("other data", "other options"):
+        assert sorted(path.name for path in out.iterdir()) == ["grid.json"]
+    else:
+        assert not out.exists()
 
 
 def write_cell(out, cell, top1s, taus, seconds=2.0, finished=True):
@@ -288,12 +306,20 @@ def write_cell(out, cell, top1s, taus, seconds=2.0, finished=True):
     return folder
 
 
-def test_table_groups_seeds_and_lengths_and_skips_the_chart_without_matplotlib(tmp_path, monkeypatch):
-    """The table's arithmetic on made-up runs: mean and std over seeds, runs of another length in their own row
-    (with their own baseline), unfinished runs left out, the published DKD number; without matplotlib no chart."""
+@pytest.fixture(scope="module")
+def table_runner():
+    """train/cifar100_table.py as a module, for its parts."""
     sys.path.insert(0, str(REPO / "train"))
-    import cifar100_table as grid
+    import cifar100_table
 
+    return cifar100_table
+
+
+def test_table_groups_seeds_and_lengths_and_skips_the_chart_without_matplotlib(table_runner, tmp_path, monkeypatch):
+    """The table's arithmetic on made-up runs: mean and std over seeds, runs of another length in their own row
+    (with their own baseline), unfinished runs left out, a reopened cell counted as the run it finished, the
+    published numbers only for CIFAR-100 data; without matplotlib no chart."""
+    Cell = table_runner.Cell
     generator = torch.Generator().manual_seed(1)
     out = tmp_path / "table"
 
@@ -303,21 +329,25 @@ def test_table_groups_seeds_and_lengths_and_skips_the_chart_without_matplotlib(t
 
     groups = {}
     for method, rank_k in (("kd", None), ("kd+rank", 100.0)):
-        groups[method, 3] = [write_cell(out, grid.Cell("res56_res20", method, seed, rank_k), *results(3))
+        groups[method, 3] = [write_cell(out, Cell("res56_res20", method, seed, rank_k), *results(3))
                              for seed in (0, 1, 2)]
-        groups[method, 1] = [write_cell(out, grid.Cell("res56_res20", method, 3, rank_k), *results(1))]
-    write_cell(out, grid.Cell("res56_res20", "kd", 4), *results(2), finished=False)
-    groups["dkd", 2] = [write_cell(out, grid.Cell("res110_res32", "dkd", 0), *results(2))]
+        groups[method, 1] = [write_cell(out, Cell("res56_res20", method, 3, rank_k), *results(1))]
+    write_cell(out, Cell("res56_res20", "kd", 4), *results(2), finished=False)
+    reopened = write_cell(out, Cell("res56_res20", "kd", 5), *results(3))  # finished 2 epochs, then extended to 3
+    (reopened / "done.json").write_text(json.dumps({"epochs": 2, "time": 0.0}))
+    groups["kd", 2] = [reopened]
+    groups["dkd", 2] = [write_cell(out, Cell("res110_res32", "dkd", 0), *results(2))]
     (out / "table.png").write_bytes(b"an old chart")
-    monkeypatch.setattr(grid, "matplotlib_installed", lambda: False)
+    monkeypatch.setattr(table_runner, "matplotlib_installed", lambda: False)
 
-    rows = grid.write_table(out, "demo", "progress")
+    cifar_grid = {"data": "/data/cifar-100-python", "trainer_args": [], "published_baselines": True}
+    rows, text = table_runner.write_table(out, cifar_grid, "progress")
     assert [(row["pair"], row["method"], row["epochs"]) for row in rows] == [
-        ("res56_res20", "kd", 1), ("res56_res20", "kd", 3), ("res56_res20", "kd+rank", 1),
+        ("res56_res20", "kd", 1), ("res56_res20", "kd", 2), ("res56_res20", "kd", 3), ("res56_res20", "kd+rank", 1),
         ("res56_res20", "kd+rank", 3), ("res110_res32", "dkd", 2)]
     written = read_csv(out)
     for row, (method, epochs) in zip(written, [(r["method"], r["epochs"]) for r in rows]):
-        check_row(row, expected_row(groups[method, epochs]))
+        check_row(row, expected_row(groups[method, epochs], epochs=epochs))
         if method == "kd+rank":
             baseline = next(other for other in written if other["method"] == "kd" and int(other["epochs"]) == epochs)
             assert number(row["rank_gain_best"]) == pytest.approx(
@@ -326,4 +356,40 @@ def test_table_groups_seeds_and_lengths_and_skips_the_chart_without_matplotlib(t
     assert number(written[-1]["published_top1"]) == CIFAR100_PUBLISHED_TOP1["res110_res32"]["dkd"]
     assert number(written[0]["published_top1"]) == CIFAR100_PUBLISHED_TOP1["res56_res20"]["kd"]
     assert not (out / "table.png").exists()
-    assert "table.png is skipped: matplotlib is not installed" in (out / "table.md").read_text()
+    assert text == (out / "table.md").read_text() and "table.png is skipped: matplotlib is not installed" in text
+
+    synthetic_grid = {"data": "synthetic", "trainer_args": ["--batch-size", "32"], "published_baselines": False}
+    rows, text = table_runner.write_table(out, synthetic_grid, "progress")
+    assert all(row["published_top1"] is None for row in rows)
+    assert "Options of every run: --batch-size 32." in text
+
+    monkeypatch.setattr(table_runner, "matplotlib_installed", lambda: True)  # the chart of runs of several lengths
+    rows, text = table_runner.write_table(out, cifar_grid, "progress")
+    assert "table.png" not in text and (out / "table.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_slots_follow_the_visible_gpus_and_runs_leave_the_launchers_variables(table_runner, monkeypatch):
+    """Where the runs go on a machine with GPUs (faked here): N cells on each visible GPU by its real id, one GPU per
+    torchrun process; a run's environment names its GPU and its share of the cores, and none of torchrun's
+    variables (or the run would take itself for a process of the runner's launch)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    args = table_runner.parse_args(["--parallel", "3"])
+    launch = table_runner.find_slots(args)
+    assert launch.slots == ["3", "3", "3", "5", "5", "5"] and launch.world_size == 1
+    cores = len(os.sched_getaffinity(0))
+    assert launch.threads == max(1, cores // 6)
+
+    torchrun = {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "node0",
+                "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "grid", "OMP_NUM_THREADS": "1"}
+    for name, value in torchrun.items():
+        monkeypatch.setenv(name, value)
+    launch = table_runner.find_slots(table_runner.parse_args([]))
+    assert launch.slots == ["5"] * table_runner.CELLS_PER_GPU and (launch.rank, launch.world_size) == (3, 4)
+    assert launch.threads == max(1, cores // (2 * table_runner.CELLS_PER_GPU))
+    env = table_runner.run_environment("5", launch)
+    assert env["CUDA_VISIBLE_DEVICES"] == "5" and env["OMP_NUM_THREADS"] == str(launch.threads)
+    assert not set(torchrun) - {"OMP_NUM_THREADS"} & set(env)
+    assert table_runner.find_slots(table_runner.parse_args(["--device", "cpu"])).slots == [None]

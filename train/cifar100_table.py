@@ -17,6 +17,7 @@ and table.png (with matplotlib installed) in OUT are rewritten from the finished
 """
 import argparse
 import csv
+import ctypes
 import importlib.util
 import io
 import json
@@ -74,7 +75,11 @@ def comma_list(kind, what):
 
 
 def topk_value(text):
-    return None if text == "all" else int(text)
+    if text == "all":
+        return None
+    if int(text) < 2:
+        raise ValueError  # comma_list names the option's values
+    return int(text)
 
 
 def make_parser():
@@ -96,7 +101,7 @@ def make_parser():
     add("--epochs", type=int, help="epochs of every run (default: the recipe's, 240; the demo's 10)")
     add("--rank-k", type=comma_list(float, "numbers"),
         help=f"+rank methods: one cell per tanh steepness k, e.g. 1,10,100 (default {DistillConfig.rank_k:g})")
-    add("--rank-topk", type=comma_list(topk_value, "class counts or 'all'"),
+    add("--rank-topk", type=comma_list(topk_value, "class counts >= 2 or 'all'"),
         help="+rank methods: one cell per channel count, the teacher's top-K classes, e.g. all,20 (default all)")
     add("--parallel", type=int, help=f"cells run at once on each GPU (default {CELLS_PER_GPU}; on the CPU 1)")
     add("--device", default="auto", choices=["auto", "cuda", "cpu"], help="default: the GPUs when there are any")
@@ -132,7 +137,8 @@ class Cell:
         """The method with its ranking-loss options, as the table names it: kd, kd+rank k=100 top-20."""
         if self.rank_k is None:
             return self.method
-        return f"{self.method} k={self.rank_k:g}" + (f" top-{self.rank_topk}" if self.rank_topk else "")
+        k = repr(float(self.rank_k)).removesuffix(".0")  # exact: 10 and 10.0000001 are different cells
+        return f"{self.method} k={k}" + (f" top-{self.rank_topk}" if self.rank_topk is not None else "")
 
     @property
     def folder(self):
@@ -172,7 +178,8 @@ def trainer_argv(cell, args):
     if cell.rank_k is None:
         argv += ["--rank-weight", "0"]  # the base method alone: the recipe's rank weight is gamma = alpha
     else:
-        argv += ["--rank-k", f"{cell.rank_k!r}"] + (["--rank-topk", str(cell.rank_topk)] if cell.rank_topk else [])
+        argv += ["--rank-k", repr(cell.rank_k)]
+        argv += ["--rank-topk", str(cell.rank_topk)] if cell.rank_topk is not None else []
     if args.epochs is not None:
         argv += ["--epochs", str(args.epochs)]
     return argv + args.trainer_args
@@ -192,7 +199,10 @@ CELL_OPTIONS = ("data", "out", "resume", "seed", "device", "pair", "teacher", "s
 
 
 def check_trainer_args(args):
+    """Returns whether the options after -- switch on logit standardization (then mdistiller's published numbers are
+    not this table's baselines)."""
     parser = trainer.make_parser()
+    parser.prog = "train/cifar100.py (the options after --)"
     try:
         given = vars(parser.parse_args(args.trainer_args))
     except SystemExit:  # argparse printed what it refused
@@ -204,12 +214,12 @@ def check_trainer_args(args):
         raise ValueError(f"the options after -- may not set {', '.join(taken)}: the runner sets them for each cell "
                          "(its own --data, --out, --seeds, --epochs, --device, --pairs, --teachers, --methods, --rank-k, "
                          "--rank-topk)")
+    return bool(given["standardize"])
 
 
 def check_grid(args, cells, device):
     """Each cell's resolved trainer settings (cfg), checked the trainer's way, with the data and teacher files.
     Raises ValueError naming what is wrong; nothing is written."""
-    check_trainer_args(args)
     num_classes = 10 if args.data == "demo" else 100
     configs = {}
     for cell in cells:
@@ -234,9 +244,9 @@ def check_grid(args, cells, device):
 
 def check_args(args):
     if args.data in ("demo", "synthetic"):
-        if args.data == "demo" and args.teachers is not None:
-            raise ValueError("--teachers: the demo trains its own teacher (the digits have 10 classes, mdistiller's "
-                             "teachers 100)")
+        if args.teachers is not None:
+            raise ValueError(f"--teachers goes with CIFAR-100 data, not --data {args.data}: the demo trains its own "
+                             "teacher (the digits have 10 classes), synthetic runs use untrained ones")
         pairs = args.pairs or list(DEMO_PAIRS if args.data == "demo" else trainer.PAIRS)
     else:
         if not Path(args.data).exists():
@@ -260,6 +270,8 @@ def check_args(args):
                            ("--rank-k", args.rank_k or []), ("--rank-topk", args.rank_topk or [])):
         if len(set(values)) != len(values):
             raise ValueError(f"{option} lists a value twice: {','.join(map(str, values))}")
+    if min(args.seeds) < 0:
+        raise ValueError(f"--seeds must be >= 0, got {','.join(map(str, args.seeds))}")
     if args.parallel is not None and args.parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {args.parallel}")
     if args.epochs is not None and args.epochs < 1:
@@ -277,7 +289,7 @@ class Launch:
     rank: int  # among the processes of a torchrun launch (0 for plain python)
     world_size: int
     slots: list  # one entry per cell this process may run at once: a GPU id for CUDA_VISIBLE_DEVICES, or None (CPU)
-    cpu_threads: int | None  # torch threads per run on the CPU, so that the runs share the cores
+    threads: int  # CPU threads per run (OpenMP, Inductor's compile workers): the machine's cores shared by its runs
 
 
 def find_slots(args):
@@ -293,11 +305,11 @@ def find_slots(args):
             if local_rank >= len(ids):
                 raise ValueError(f"process {rank} (local rank {local_rank}) has no GPU: {len(ids)} visible")
             ids = [ids[local_rank]]
-        per_gpu = args.parallel or CELLS_PER_GPU
-        return Launch(rank, world_size, [gpu for gpu in ids for _ in range(per_gpu)], None)
-    per_process = args.parallel or 1
+        slots = [gpu for gpu in ids for _ in range(args.parallel or CELLS_PER_GPU)]
+    else:
+        slots = [None] * (args.parallel or 1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return Launch(rank, world_size, [None] * per_process, max(1, cores // (per_process * local_world_size)))
+    return Launch(rank, world_size, slots, max(1, cores // (len(slots) * local_world_size)))
 
 
 # torchrun's variables: a run must not take itself for one process of the runner's launch.
@@ -306,22 +318,27 @@ LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "G
 
 
 def run_environment(slot, launch):
+    """The environment of a run in `slot`: the runner's, without torchrun's variables, on its GPU, with its share
+    of the CPU (torchrun's own OMP_NUM_THREADS=1 replaced)."""
     env = {key: value for key, value in os.environ.items()
            if key not in LAUNCHER_VARIABLES and not key.startswith("TORCHELASTIC_")}
-    env["PYTHONUNBUFFERED"] = "1"
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(launch.threads),
+               TORCHINDUCTOR_COMPILE_THREADS=str(launch.threads))
     if slot is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot
-    elif "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(launch.cpu_threads)
     return env
 
 
-def _end_with_parent():
-    """In the run's process before it starts: die with the runner, even a SIGKILLed one, instead of running on
-    unwatched and holding the cell's folder (Linux: PR_SET_PDEATHSIG)."""
-    import ctypes
+def end_with(runner_pid):
+    """What a run's process does before it starts: die with the runner, even a SIGKILLed one, instead of running on
+    unwatched and holding the cell's folder (Linux: PR_SET_PDEATHSIG, checked against a runner already gone)."""
+    libc = ctypes.CDLL(None, use_errno=True)
 
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    def arrange():
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+        if os.getppid() != runner_pid:
+            os._exit(1)
+    return arrange
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -373,17 +390,19 @@ CSV_COLUMNS = ("pair", "teacher", "student", "method", "rank_k", "rank_topk", "s
 
 
 def finished_cells(out):
-    """(Cell, its metrics records) for every finished cell folder under `out`."""
+    """(Cell, its metrics records) for every finished cell folder under `out`: the records up to the epochs it
+    finished (a cell that a larger --epochs reopened counts as its finished run until it finishes again)."""
     cells = []
     for done in sorted(Path(out).glob("*/*/seed*/done.json")):
-        records = read_metrics(done.parent)
+        epochs = read_json(done)["epochs"]
+        records = [record for record in read_metrics(done.parent) if record["epoch"] <= epochs]
         description = read_json(done.parent / "cell.json")
         if records and description is not None:
             cells.append((Cell(**description["cell"]), records))
     return cells
 
 
-def table_rows(out):
+def table_rows(out, published_baselines):
     """One row per (pair, method with its ranking options): the CSV_COLUMNS, numbers as floats (None when absent)."""
     groups = {}  # runs of different lengths (a short trial, then the full grid) are different rows
     for cell, records in finished_cells(out):
@@ -413,7 +432,7 @@ def table_rows(out):
             "tau_mean": statistics.fmean(taus) if taus else None,
             "teacher_top1": statistics.fmean(teacher_top1) if teacher_top1 else None,
             "time_per_run_s": statistics.fmean(sum(record["epoch_time_s"] for record in records) for records in runs),
-            "published_top1": CIFAR100_PUBLISHED_TOP1.get(pair, {}).get(method),
+            "published_top1": CIFAR100_PUBLISHED_TOP1.get(pair, {}).get(method) if published_baselines else None,
             "rank_gain_best": None, "rank_gain_last": None,
         })
         if method != base:
@@ -425,6 +444,11 @@ def table_rows(out):
     return rows
 
 
+def variant(row):
+    """A table row's method with its ranking-loss options, as Cell.variant names them."""
+    return Cell(row["pair"], row["method"], 0, row["rank_k"], row["rank_topk"]).variant
+
+
 def stdev(values):
     """The sample standard deviation, None for a single value."""
     return statistics.stdev(values) if len(values) > 1 else None
@@ -434,11 +458,11 @@ def mean_std(mean, std):
     return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
 
 
-def markdown_table(rows, data, progress):
-    chart = "" if matplotlib_installed() else " The chart table.png is skipped: matplotlib is not installed."
+def markdown_table(rows, grid, progress, chart_note=""):
+    options = f" Options of every run: {' '.join(grid['trainer_args'])}." if grid["trainer_args"] else ""
     lines = [
         "# Logit distillation with and without the Kendall ranking loss", "",
-        f"Data: {data}. {progress}. Written {time.strftime('%Y-%m-%d %H:%M:%S')}.{chart}", "",
+        f"Data: {grid['data']}.{options} {progress}. Written {time.strftime('%Y-%m-%d %H:%M:%S')}.{chart_note}", "",
         "Top-1 (%) on the validation set, mean ± standard deviation over the finished seeds: *best* is each run's "
         "best epoch, *last* its final epoch. τ: mean Kendall τ-b between student and teacher logits (final epoch). "
         "Time: training and evaluation per run. Published: mdistiller's README (240 epochs, no ranking loss). "
@@ -448,17 +472,17 @@ def markdown_table(rows, data, progress):
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        variant = Cell(row["pair"], row["method"], 0, row["rank_k"], row["rank_topk"]).variant
-        cells = [row["pair"], f"{row['teacher']} → {row['student']}", variant, str(row["seeds"]), str(row["epochs"]),
-                 mean_std(row["top1_best_mean"], row["top1_best_std"]),
-                 mean_std(row["top1_last_mean"], row["top1_last_std"]),
-                 "" if row["tau_mean"] is None else f"{row['tau_mean']:.3f}",
-                 "" if row["teacher_top1"] is None else f"{row['teacher_top1']:.2f}",
-                 format_duration(row["time_per_run_s"]),
-                 "" if row["published_top1"] is None else f"{row['published_top1']:.2f}",
-                 "" if row["rank_gain_best"] is None
-                 else f"{row['rank_gain_best']:+.2f} / {row['rank_gain_last']:+.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        columns = [row["pair"], f"{row['teacher']} → {row['student']}", variant(row), str(row["seeds"]),
+                   str(row["epochs"]),
+                   mean_std(row["top1_best_mean"], row["top1_best_std"]),
+                   mean_std(row["top1_last_mean"], row["top1_last_std"]),
+                   "" if row["tau_mean"] is None else f"{row['tau_mean']:.3f}",
+                   "" if row["teacher_top1"] is None else f"{row['teacher_top1']:.2f}",
+                   format_duration(row["time_per_run_s"]),
+                   "" if row["published_top1"] is None else f"{row['published_top1']:.2f}",
+                   "" if row["rank_gain_best"] is None
+                   else f"{row['rank_gain_best']:+.2f} / {row['rank_gain_last']:+.2f}"]
+        lines.append("| " + " | ".join(columns) + " |")
     if not rows:
         lines.append("| (no finished run yet) |" + " |" * 11)
     return "\n".join(lines) + "\n"
@@ -482,15 +506,18 @@ def plot(rows, path, data):
     import matplotlib.pyplot as plt
 
     pairs = list(dict.fromkeys(row["pair"] for row in rows))
-    variants = list(dict.fromkeys(Cell(row["pair"], row["method"], 0, row["rank_k"], row["rank_topk"]).variant
-                                  for row in rows))
-    width = 0.8 / len(variants)
-    figure, axes = plt.subplots(figsize=(max(6.0, 1.2 * len(pairs) * max(1, len(variants) / 4)), 4.5))
+    several_lengths = len({row["epochs"] for row in rows}) > 1
+
+    def label(row):
+        return variant(row) + (f" ({row['epochs']} epochs)" if several_lengths else "")
+    bar_labels = list(dict.fromkeys(label(row) for row in rows))
+    width = 0.8 / len(bar_labels)
+    figure, axes = plt.subplots(figsize=(max(6.0, 1.2 * len(pairs) * max(1, len(bar_labels) / 4)), 4.5))
     heights, labelled = [], False
-    for index, variant in enumerate(variants):
+    for index, bar_label in enumerate(bar_labels):
         xs, ys, errors, published = [], [], [], []
         for row in rows:
-            if Cell(row["pair"], row["method"], 0, row["rank_k"], row["rank_topk"]).variant != variant:
+            if label(row) != bar_label:
                 continue
             x = pairs.index(row["pair"]) - 0.4 + width * (index + 0.5)
             xs.append(x)
@@ -498,7 +525,7 @@ def plot(rows, path, data):
             errors.append(row["top1_best_std"] or 0.0)
             if row["published_top1"] is not None:
                 published.append((x, row["published_top1"]))
-        axes.bar(xs, ys, width, yerr=errors if any(errors) else None, capsize=2, label=variant)
+        axes.bar(xs, ys, width, yerr=errors if any(errors) else None, capsize=2, label=bar_label)
         heights += ys + [value for _, value in published]
         if published:
             axes.scatter(*zip(*published), marker="_", s=200, color="black", zorder=3,
@@ -510,24 +537,31 @@ def plot(rows, path, data):
     axes.set_ylabel("top-1 (%), best epoch")
     data_name = "demo digits" if data == "demo" else Path(data).name
     axes.set_title(f"top-1, mean over seeds ({data_name})", fontsize="medium")
-    axes.legend(fontsize="small", ncol=min(4, len(variants) + 1), loc="lower center", bbox_to_anchor=(0.5, 1.08))
+    axes.legend(fontsize="small", ncol=min(4, len(bar_labels) + 1), loc="lower center", bbox_to_anchor=(0.5, 1.08))
     figure.tight_layout()
     write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=120))
     plt.close(figure)
 
 
-def write_table(out, data, progress):
+def write_table(out, grid, progress):
     """Rewrite table.md, results.csv and table.png in `out` from its finished cells, under a lock so that the
-    processes sharing the grid write one after another. Returns the rows."""
+    processes sharing the grid write one after another. Returns the rows and the table's text."""
     with RunLock(out, wait=True, what="the table of", name=".table.lock"):
-        rows = table_rows(out)
-        write_atomically(out / "table.md", lambda file: file.write(markdown_table(rows, data, progress).encode()))
-        write_atomically(out / "results.csv", lambda file: file.write(csv_text(rows).encode()))
+        rows = table_rows(out, grid["published_baselines"])
+        chart_note = ""
         if not matplotlib_installed():
-            (out / "table.png").unlink(missing_ok=True)  # an old chart would disagree with the table
+            chart_note = " The chart table.png is skipped: matplotlib is not installed."
         elif rows:
-            plot(rows, out / "table.png", data)
-    return rows
+            try:
+                plot(rows, out / "table.png", grid["data"])
+            except Exception as error:  # a chart is not worth the runs that a crash of the runner would stop
+                chart_note = f" The chart table.png could not be drawn: {type(error).__name__}: {error}."
+        if chart_note:
+            (out / "table.png").unlink(missing_ok=True)  # an old chart would disagree with the table
+        text = markdown_table(rows, grid, progress, chart_note)
+        write_atomically(out / "table.md", lambda file: file.write(text.encode()))
+        write_atomically(out / "results.csv", lambda file: file.write(csv_text(rows).encode()))
+    return rows, text
 
 
 def matplotlib_installed():
@@ -541,12 +575,11 @@ def matplotlib_installed():
 class Runner:
     """Runs the cells of the grid that no other process has claimed, len(launch.slots) at a time."""
 
-    def __init__(self, args, cells, configs, launch):
-        self.args, self.cells, self.configs, self.launch = args, cells, configs, launch
+    def __init__(self, args, cells, configs, launch, grid):
+        self.args, self.cells, self.configs, self.launch, self.grid = args, cells, configs, launch, grid
         self.epochs = {cell: configs[cell].epochs for cell in cells}
         self.start = time.time()
         self.running = {}  # slot index -> (cell, process, claim, started at)
-        self.finished_here = 0
         self.last_status = time.monotonic()
         self.prefix = f"[process {launch.rank}] " if launch.world_size > 1 else ""
 
@@ -584,8 +617,7 @@ class Runner:
             if time.monotonic() - self.last_status >= STATUS_EVERY_S:
                 self.status()
             time.sleep(POLL_S)
-        failed = [cell for cell in self.cells if self.failed(cell)]
-        return failed
+        return [cell for cell in self.cells if self.failed(cell)]
 
     def fill_slots(self):
         for slot_index, slot in enumerate(self.launch.slots):
@@ -620,7 +652,7 @@ class Runner:
         log.flush()
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=run_environment(slot, self.launch),
-                                   preexec_fn=_end_with_parent if sys.platform == "linux" else None)
+                                   preexec_fn=end_with(os.getpid()) if sys.platform == "linux" else None)
         log.close()  # the run holds its own descriptor
         self.running[slot_index] = (cell, process, claim, time.monotonic())
         where = f"GPU {slot}" if slot is not None else "CPU"
@@ -643,13 +675,12 @@ class Runner:
                 write_json(folder / "done.json", {"epochs": records[-1]["epoch"], "time": time.time()})
                 (folder / "failed.json").unlink(missing_ok=True)
                 claim.release()
-                self.finished_here += 1
                 last = records[-1]
                 tau = f", tau {last['val_tau']:.3f}" if last.get("val_tau") is not None else ""
                 self.say(f"done {cell}: top-1 {last['val_top1']:.2f} (best "
                          f"{max(record['val_top1'] for record in records):.2f}){tau}, {format_duration(seconds)} | "
                          f"{self.progress()}{self.eta()}")
-                write_table(self.args.out, self.args.data, self.progress())
+                write_table(self.args.out, self.grid, self.progress())
             else:
                 reason = last_log_line(folder / "train.log")
                 write_json(folder / "failed.json", {"exit": code, "time": time.time(), "reason": reason})
@@ -658,7 +689,7 @@ class Runner:
 
     def eta(self):
         """", ETA ..." from the epoch times seen so far: the epochs left in every unfinished cell of the grid, each at
-        its own pace, else its pair's, else the mean; over every process's slots."""
+        its own pace, else its pair's, else the mean."""
         paces, left = {}, []
         for cell in self.cells:
             records = read_metrics(self.folder(cell))
@@ -672,21 +703,22 @@ class Runner:
         if not paces:
             return ", ETA: after the first epoch"
         overall = statistics.fmean(pace for pair_paces in paces.values() for pace in pair_paces)
-        seconds = sum(epochs * (pace or statistics.fmean(paces.get(cell.pair, [overall])))
-                      for cell, epochs, pace in left)
-        return f", ETA {format_duration(seconds / (len(self.launch.slots) * self.launch.world_size))}"
+        seconds = [epochs * (pace or statistics.fmean(paces.get(cell.pair, [overall]))) for cell, epochs, pace in left]
+        # The work shared out over every process's slots, but never less than the longest cell left.
+        slots = len(self.launch.slots) * self.launch.world_size
+        return f", ETA {format_duration(max(sum(seconds) / slots, max(seconds)))}"
 
     def status(self):
         self.last_status = time.monotonic()
         running = []
-        for cell, _, _, _ in self.running.values():
+        for cell, *_ in self.running.values():
             records = read_metrics(self.folder(cell))
             running.append(f"{cell} epoch {len(records)}/{self.epochs[cell]}")
         self.say(f"status: {'; '.join(running) or 'no cell running here'} | {self.progress()}{self.eta()}")
 
     def stop(self):
         """End the runs of this process (each keeps its last checkpoint), release their claims."""
-        for cell, process, claim, _ in self.running.values():
+        for _, process, *_ in self.running.values():
             process.terminate()
         for cell, process, claim, _ in self.running.values():
             try:
@@ -704,36 +736,41 @@ def prepare(args):
     pairs = check_args(args)
     cells = grid_cells(args, pairs)
     launch = find_slots(args)
+    standardize = check_trainer_args(args)
     configs = check_grid(args, cells, torch.device("cuda" if launch.slots[0] is not None else "cpu"))
+    # What every cell of one table shares: its rows compare runs that differ only in the grid's axes.
+    grid = {"data": args.data, "trainer_args": args.trainer_args,
+            "published_baselines": args.data not in ("demo", "synthetic") and not standardize}
     check_writable(args.out, "--out")
-    grid_file = args.out / "grid.json"
-    earlier = read_json(grid_file)
-    if earlier is not None and earlier["data"] != args.data:
-        raise ValueError(f"--out {args.out} holds runs on --data {earlier['data']}, not {args.data}: give that data "
-                         "or another --out")
-    if earlier is None:
-        write_json(grid_file, {"data": args.data})
-    return cells, configs, launch
+    earlier = read_json(args.out / "grid.json")
+    if earlier is not None:
+        for key, option in (("data", "--data"), ("trainer_args", "the options after --")):
+            if earlier[key] != grid[key]:
+                raise ValueError(f"--out {args.out} holds runs made with {option} {earlier[key]}, not {grid[key]}: "
+                                 "give the same, or another --out")
+    else:
+        write_json(args.out / "grid.json", grid)
+    return cells, configs, launch, grid
 
 
 def main(argv=None):
     """Run the grid of `argv` (default: the command line). Exits 2 on bad settings (nothing run), 1 when a cell
-    failed (the others still ran), 0 when every cell finished."""
+    failed (the others still ran), 0 when every cell finished. Returns the table's rows."""
     args = parse_args(argv)
     try:
-        cells, configs, launch = prepare(args)
+        cells, configs, launch, grid = prepare(args)
     except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"cifar100_table.py: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
-    runner = Runner(args, cells, configs, launch)
-    where = (f"{len(set(launch.slots))} GPU(s), {launch.slots.count(launch.slots[0])} cell(s) each"
-             if launch.slots[0] is not None else f"the CPU, {len(launch.slots)} cell(s) at once, "
-                                                 f"{launch.cpu_threads} thread(s) each")
-    runner.say(f"grid: {len(cells)} cells ({len({c.pair for c in cells})} pair(s) x {len(args.methods)} method(s) x "
-               f"{len(args.seeds)} seed(s){' x rank options' if args.rank_k or args.rank_topk else ''}) on "
-               f"{where} | out {args.out}")
+    runner = Runner(args, cells, configs, launch, grid)
+    gpus = sorted(set(launch.slots), key=launch.slots.index)
+    where = (f"GPU {','.join(gpus)}, {len(launch.slots) // len(gpus)} cell(s) each" if gpus != [None]
+             else f"the CPU, {len(launch.slots)} cell(s) at once")
+    axes = f"{len({cell.pair for cell in cells})} pair(s) x {len(args.methods)} method(s) x {len(args.seeds)} seed(s)"
+    runner.say(f"grid: {len(cells)} cells ({axes}{' x rank options' if args.rank_k or args.rank_topk else ''}) on "
+               f"{where}, {launch.threads} CPU thread(s) per run | out {args.out}")
     if launch.rank == 0:
-        write_table(args.out, args.data, runner.progress())
+        write_table(args.out, grid, runner.progress())
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # torchrun's stop: end the runs too
     try:
         failed = runner.run()
@@ -741,11 +778,9 @@ def main(argv=None):
         runner.stop()
         runner.say("stopped: the same command continues the grid (finished cells are skipped)")
         sys.exit(130 if isinstance(stopped, KeyboardInterrupt) else stopped.code)
-    rows = write_table(args.out, args.data, runner.progress())
+    rows, text = write_table(args.out, grid, runner.progress())
     if launch.rank == 0:
-        plot_note = "" if matplotlib_installed() else " (table.png skipped: matplotlib is not installed)"
-        print(f"\n{args.out / 'table.md'}, {args.out / 'results.csv'}{plot_note}:\n")
-        print(markdown_table(rows, args.data, runner.progress()).split("\n\n", 3)[-1])
+        print(f"\n{args.out / 'table.md'}:\n\n{text}")
     if failed:
         runner.say(f"{len(failed)} cell(s) failed: {'; '.join(str(cell) for cell in failed)}. Their train.log says "
                    "why; the same command retries them.")
