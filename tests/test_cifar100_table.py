@@ -209,8 +209,8 @@ def test_two_torchrun_processes_share_the_grid(data, teachers, tmp_path):
     variables do not reach them)."""
     out = tmp_path / "table"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(RUNNER),
-               "--device", "cpu", "--data", str(data), "--teachers", str(teachers), "--out", str(out), "--pairs", ",".join(PAIRS),
-               "--methods", "kd,kd+rank", "--epochs", "1", *TINY_RUNS]
+               "--device", "cpu", "--data", str(data), "--teachers", str(teachers), "--out", str(out),
+               "--pairs", ",".join(PAIRS), "--methods", "kd,kd+rank", "--epochs", "1", *TINY_RUNS]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     logs = [(folder / "train.log").read_text() for folder in sorted(out.glob("*/*/seed0"))]

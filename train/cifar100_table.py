@@ -212,8 +212,8 @@ def check_trainer_args(args):
     taken = ["--" + name.replace("_", "-") for name in CELL_OPTIONS if given[name] != defaults[name]]
     if taken:
         raise ValueError(f"the options after -- may not set {', '.join(taken)}: the runner sets them for each cell "
-                         "(its own --data, --out, --seeds, --epochs, --device, --pairs, --teachers, --methods, --rank-k, "
-                         "--rank-topk)")
+                         "(its own --data, --out, --seeds, --epochs, --device, --pairs, --teachers, --methods, "
+                         "--rank-k, --rank-topk)")
     return bool(given["standardize"])
 
 
