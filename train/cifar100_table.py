@@ -41,8 +41,8 @@ from rankkd.distill import CIFAR100_PUBLISHED_TOP1, DistillConfig  # noqa: E402
 from rankkd.models import cifar  # noqa: E402
 from rankkd.training.config import check_loss_fits  # noqa: E402
 from rankkd.training.data.cifar import load_cifar100  # noqa: E402
-from rankkd.training.utils import (FolderInUseError, RunLock, write_atomically, check_writable,  # noqa: E402
-                                   format_duration)
+from rankkd.training.utils import (FolderInUseError, RunLock, check_writable, format_duration,  # noqa: E402
+                                   write_atomically)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The grid's axes and defaults.
