@@ -1,4 +1,5 @@
 """Shared test setup and helpers (import them with `from conftest import logits, rel_err`)."""
+import fcntl
 import importlib.util
 import os
 import pickle
@@ -23,6 +24,20 @@ def rel_err(out, ref):
     """||out - ref|| / ||ref|| in float64."""
     out, ref = out.detach().double(), ref.detach().double()
     return ((out - ref).norm() / ref.norm()).item()
+
+
+def lock_is_free(folder):
+    """Whether a new flock on the folder's RunLock file succeeds (a second open file conflicts even in this
+    process)."""
+    from rankkd.training.utils import RunLock
+
+    with open(folder / RunLock.file_name, "rb") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(file, fcntl.LOCK_UN)
+        return True
 
 
 def write_cifar100(root, num_train=256, num_test=96, seed=0):

@@ -4,7 +4,6 @@ invocation that skips everything; a runner killed mid-cell and restarted; two to
 the demo; bad settings refused before any run. Tiny data (128 train images) keeps each cell to seconds."""
 import csv
 import dataclasses
-import fcntl
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_cifar100
+from conftest import lock_is_free, write_cifar100
 
 from rankkd.distill import CIFAR100_PUBLISHED_TOP1
 from rankkd.models import cifar
@@ -159,16 +158,6 @@ def test_seeds_and_rank_k_are_axes(data, teachers, tmp_path):
     assert "kd+rank k=100 |" in (out / "table.md").read_text()
 
 
-def _lock_is_free(path):
-    with open(path, "rb") as file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        fcntl.flock(file, fcntl.LOCK_UN)
-        return True
-
-
 @pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGTERM])
 def test_a_stopped_runner_resumes_its_cell_from_the_last_checkpoint(data, teachers, tmp_path, signal_number):
     """Stop the runner mid-cell, SIGTERM (it stops its run) or SIGKILL (the run gets SIGTERM as its runner dies): no
@@ -190,7 +179,7 @@ def test_a_stopped_runner_resumes_its_cell_from_the_last_checkpoint(data, teache
         assert "stopped res56_res20 kd seed 0" in output and "the same command continues the grid" in output, output
     first_epoch = metrics(cell)[0]
     deadline = time.monotonic() + 60
-    while not _lock_is_free(cell / ".lock"):  # the run got SIGTERM when its runner died
+    while not lock_is_free(cell):  # the run got SIGTERM when its runner died
         assert time.monotonic() < deadline, "the run outlived its killed runner"
         time.sleep(0.1)
     assert not (cell / "done.json").exists()

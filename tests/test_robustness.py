@@ -1,6 +1,5 @@
 """Failing early and clearly: run-folder locks (between real processes), writable-folder checks, checkpoint files
 that are not what they should be, teacher downloads without network, and unreadable images found before training."""
-import fcntl
 import io
 import os
 import pickle
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import lock_is_free
 from PIL import Image
 
 from rankkd import models
@@ -62,34 +62,23 @@ def holder(tmp_path):
     process.wait()
 
 
-def _lock_is_free(folder):
-    """Whether a new flock on the folder's lock file succeeds (a second open file conflicts even in this process)."""
-    with open(folder / RunLock.file_name, "rb") as file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        fcntl.flock(file, fcntl.LOCK_UN)
-        return True
-
-
 def test_second_run_on_a_folder_stops_naming_the_holder_and_a_killed_holder_frees_it(tmp_path, holder):
     folder = tmp_path / "run"
     second = _python(TAKE, folder, "fail", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = second.communicate(timeout=120)
     assert second.returncode == 3 and out == ""
     assert f"--out {folder} is in use by process {holder.pid} on {socket.gethostname()}" in err
-    assert not _lock_is_free(folder)
+    assert not lock_is_free(folder)
     with pytest.raises(FolderInUseError, match=f"process {holder.pid} "):
         RunLock(folder).acquire()
 
     holder.kill()
     assert holder.wait() == -9
-    assert _lock_is_free(folder)
+    assert lock_is_free(folder)
     with RunLock(folder):
         assert f'"pid": {os.getpid()},' in (folder / RunLock.file_name).read_text()
-        assert not _lock_is_free(folder)
-    assert _lock_is_free(folder) and (folder / RunLock.file_name).read_text() == ""
+        assert not lock_is_free(folder)
+    assert lock_is_free(folder) and (folder / RunLock.file_name).read_text() == ""
 
 
 def test_waiting_lock_says_whom_it_waits_for_then_takes_over(tmp_path, holder):
@@ -119,10 +108,10 @@ def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
     parent = _python(HOLD_WITH_CHILD, folder, stdout=subprocess.PIPE, start_new_session=True)
     try:
         assert parent.stdout.readline() == "locked\n"
-        assert not _lock_is_free(folder)
+        assert not lock_is_free(folder)
         parent.kill()  # the child lives on
         assert parent.wait() == -9
-        assert _lock_is_free(folder)
+        assert lock_is_free(folder)
     finally:
         os.killpg(parent.pid, signal.SIGKILL)
 
@@ -131,9 +120,9 @@ def test_lock_nests_within_a_process_and_creates_its_folder(tmp_path):
     folder = tmp_path / "cache" / "teacher"
     with RunLock(folder, wait=True):
         with RunLock(folder):  # the run that trains the cached teacher locks the same folder
-            assert not _lock_is_free(folder)
-        assert not _lock_is_free(folder)
-    assert _lock_is_free(folder)
+            assert not lock_is_free(folder)
+        assert not lock_is_free(folder)
+    assert lock_is_free(folder)
 
 
 def test_lock_on_an_unwritable_place_says_so(tmp_path):
