@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankkd.models import classifier_of, read_checkpoint_weights
+from rankkd.models.weights import classifier_of, read_checkpoint_weights
 
 
 def conv(cin, cout, kernel, stride=1, groups=1, bias=False):
@@ -339,7 +339,7 @@ _FACTORIES = {  # name -> callable(num_classes)
 NAMES = tuple(_FACTORIES)
 
 
-def check_name(name):
+def check_model(name):
     """Raise a ValueError naming the closest known models unless `name` is one of NAMES."""
     if name in _FACTORIES:
         return
@@ -349,9 +349,9 @@ def check_name(name):
     raise ValueError(f"unknown CIFAR model {name!r}.{hint} Known: {', '.join(NAMES)}")
 
 
-def build(name, num_classes=100):
+def build_model(name, num_classes=100):
     """The untrained model `name` (one of NAMES) with `num_classes` outputs."""
-    check_name(name)
+    check_model(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     return _FACTORIES[name](int(num_classes))
@@ -366,7 +366,7 @@ def load_teacher(name, weights, num_classes=100):
     """The model `name` with the weights in checkpoint file `weights` (a bare state_dict, mdistiller's {"model": ...},
     or a rankkd checkpoint), or untrained if `weights` is 'random'; frozen and in eval mode. Raises a ValueError naming
     the file when it holds a classifier for another class count, or keys or shapes of another model."""
-    model = build(name, num_classes)
+    model = build_model(name, num_classes)
     if str(weights) != "random":
         path = os.fspath(weights)
         state_dict = read_checkpoint_weights(path)

@@ -1,22 +1,33 @@
-"""The settings of a training run, shared by train/imagenet.py and train/cifar100.py: the command-line options both
-trainers take, a recipe overridden by them, and the checks that need nothing but the settings.
+"""The settings of a training run, as one frozen object.
 
-A run's settings are one object: a SimpleNamespace of the run fields (data, models, optimization, speed) whose
-`loss` field holds the rankkd.distill.DistillConfig. config.json and every checkpoint hold record(cfg), the run
-fields and the loss fields side by side under their own names (lr, batch_size, ce_weight, rank_weight, ...)."""
+Every command-line option is declared once, as an Option: its type, valid range, help text and the part of the
+settings it fills. A task (rankkd.training.tasks) adds its own options to the shared ones. resolve_config() then
+builds the RunConfig in one go: the task's recipe, overridden by the command line, completed with what the processes
+and the device decide (global batch, scaled lr, precision, compile mode), checked with the option's name in every
+message, and frozen. Nothing changes it afterwards; config.json and every checkpoint hold record(cfg).
+
+A RunConfig is made of parts passed whole to the code that needs them: run (folder, seed, length), model, data,
+augment (the task's), optim (optimizer, batch and schedule), speed (precision, compile, memory format) and loss (a
+rankkd.distill.DistillConfig). Field names are unique across the parts, so flat_settings() gives one flat dict whose
+keys are the option names without dashes: the form config.json had before it was split into parts, which is what
+resuming compares.
+"""
 import argparse
 import dataclasses
-import json
-from types import SimpleNamespace
+import math
+import time
+from pathlib import Path
 
-from rankkd._args import PRECISIONS, TEACHER_MODES, check_number
-from rankkd.distill import METHODS, DistillConfig, get_recipe
-from rankkd.distill import LOSS_RECIPES
+from rankkd._args import K_RULE, PRECISIONS, TEACHER_MODES, check_steepness
+from rankkd.distill import METHODS, DistillConfig
 from rankkd.ops import BACKENDS as OP_BACKENDS
 from rankkd.ops import available_backends
+from rankkd.recipes import LOSS_RECIPES, get_recipe
+from rankkd.training.distributed import broadcast_object
 
-LOSS_FIELDS = tuple(field.name for field in dataclasses.fields(DistillConfig))
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+SECTIONS = ("run", "model", "data", "augment", "optim", "speed", "loss")
+SEED_LIMIT = 2**32  # numpy's generators take seeds below 2^32
 
 
 def epoch_list(text):
@@ -26,126 +37,294 @@ def epoch_list(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated epochs such as 30,60,90, got {text!r}") from None
 
 
-def add_common_arguments(parser):
-    """The options every trainer takes. Recipe values default to None: "not given, take the recipe's". Returns the
-    recipe-override group, to which a trainer adds its own."""
-    add = parser.add_argument
-    add("--out", help="output folder (metrics.jsonl, config.json, last.pt, best.pt, TensorBoard events); default: "
-                      "runs/<data>-<student>-<method>-<date-time>")
-    add("--resume", choices=["auto"], help="auto: continue from OUT/last.pt when it exists (without --out: the newest "
-                                           "matching folder under runs/), else start there")
-    add("--seed", type=int, default=0, help="seed of the weights, data order and augmentation (default 0)")
-    add("--device", default="auto", choices=["auto", "cuda", "cpu"], help="default: cuda when there is a GPU")
-    add("--precision", default="auto", choices=["auto", "bf16", "fp16", "off"],
-        help="autocast dtype (fp16 adds a GradScaler); auto: bf16 on CUDA, off on the CPU")
-    add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the student, teacher and loss; "
-                                                                 "default: on for CUDA, off on the CPU")
-    add("--compile-mode", choices=COMPILE_MODES, help="torch.compile mode; reduce-overhead replays CUDA graphs "
-                                                      "(one process only); default: the recipe's")
-    add("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format (default on)")
-    add("--deterministic", action="store_true", help="deterministic kernels (slower; exact reruns on one machine)")
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One setting: its command-line option (`flag`, default --name-with-dashes), its type and valid range, and the
+    part of the RunConfig it fills. default None means "the recipe's value"; settings that no recipe sets have a
+    real default. A setting with command_line=False is decided by the processes or the device, never typed in."""
+    name: str
+    section: str
+    type: object = str
+    help: str = ""
+    default: object = None
+    choices: tuple | None = None
+    low: float | None = None  # inclusive lower bound
+    high: float | None = None  # inclusive upper bound
+    above: float | None = None  # exclusive lower bound
+    below: float | None = None  # exclusive upper bound
+    flag: str | None = None
+    group: str = "recipe"  # where --help lists it: "run", "recipe", "loss" or the task's
+    command_line: bool = True
 
-    recipe = parser.add_argument_group("recipe overrides (default: the recipe's value)")
-    add = recipe.add_argument
-    add("--teacher", help="teacher architecture, or 'none' (with --method ce --rank-weight 0: plain cross-entropy)")
-    add("--teacher-weights", help="a checkpoint path, or 'random' (untrained: for timing)")
-    add("--student", help="student architecture")
-    add("--epochs", type=int)
-    add("--batch-size", type=int, help="images per process (per GPU) and step")
-    add("--global-batch-size", type=int, help="images per step over all processes (sets --batch-size)")
-    add("--optimizer", choices=["sgd", "adamw"])
-    add("--lr", type=float, help="peak learning rate at the reference global batch")
-    add("--lr-reference-batch", type=int, help="global batch that --lr is stated for (lr scales linearly)")
-    add("--momentum", type=float)
-    add("--nesterov", action=argparse.BooleanOptionalAction)
-    add("--weight-decay", type=float)
-    add("--decay-norm-and-bias", action=argparse.BooleanOptionalAction,
-        help="apply weight decay to 1-D parameters (norms, biases) and ViT embeddings too")
-    add("--schedule", choices=["step", "cosine"])
-    add("--milestones", type=epoch_list, help="step schedule: epochs where the lr drops, e.g. 30,60,90")
-    add("--lr-decay", type=float, help="step schedule: factor at each milestone")
-    add("--lr-warmup-epochs", type=float)
-    add("--warmup-lr", type=float)
-    add("--min-lr", type=float, help="cosine schedule: final learning rate")
-    add("--log-every", type=int, help="steps between progress updates (each costs one host sync)")
+    @property
+    def option(self):
+        return self.flag or f"--{self.name.replace('_', '-')}"
 
-    loss = parser.add_argument_group("loss (rankkd.distill.DistillConfig; default: the --loss recipe's value)")
-    add = loss.add_argument
-    add("--loss", help=f"a rankkd.distill recipe: {', '.join(LOSS_RECIPES)}")
-    add("--method", choices=METHODS)
-    add("--ce-weight", type=float, help="alpha")
-    add("--kd-weight", type=float, help="beta: weight of the KD / DKD / DIST term")
-    add("--temperature", type=float)
-    add("--standardize", action=argparse.BooleanOptionalAction, help="logit standardization (KD and DKD)")
-    add("--dkd-alpha", type=float)
-    add("--dkd-beta", type=float)
-    add("--dkd-warmup-epochs", type=float, dest="warmup_epochs", help="DKD: linear warm-up of its term")
-    add("--dist-beta", type=float)
-    add("--dist-gamma", type=float)
-    add("--rank-weight", type=float, help="gamma: weight of the Kendall ranking loss; 0 turns it off")
-    add("--rank-k", type=float, help="ranking loss: tanh steepness k")
-    add("--rank-teacher-mode", choices=TEACHER_MODES)
-    add("--rank-topk", type=int, help="ranking loss over the teacher's top-K classes only")
-    add("--rank-precision", choices=PRECISIONS,
-        help="ranking loss: fast (hardware tanh on GPUs, gradients within 2e-3) or exact (full float32 math)")
-    add("--rank-backend", choices=OP_BACKENDS)
-    return recipe
+    def check(self, value):
+        """Raise a ValueError naming the option unless `value` (None: not set) is valid."""
+        if value is None or self.type in (str, bool) or self.choices:
+            return
+        if self.type is epoch_list:
+            if any(epoch < 0 for epoch in value):
+                raise ValueError(f"{self.option} takes epochs >= 0, got {','.join(map(str, value))}")
+            return
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{self.option} must be a finite number, got {value}")
+        bounds = [(self.low, ">=", value >= self.low if self.low is not None else True),
+                  (self.above, ">", value > self.above if self.above is not None else True),
+                  (self.high, "<=", value <= self.high if self.high is not None else True),
+                  (self.below, "<", value < self.below if self.below is not None else True)]
+        if not all(ok for _, _, ok in bounds):
+            rule = " and ".join(f"{sign} {bound:g}" if isinstance(bound, float) else f"{sign} {bound}"
+                                for bound, sign, _ in bounds if bound is not None)
+            raise ValueError(f"{self.option} must be {rule}, got {value}")
 
 
-def resolve_config(args, recipe_name, recipe):
-    """The recipe (a dict of run fields; its "loss" a rankkd.distill recipe name or a DistillConfig), overridden by
-    what the command line gives, with the loss in cfg.loss. Raises ValueError on a bad setting."""
-    given = vars(args)
-    cfg = SimpleNamespace(**{key: value for key, value in given.items() if key not in LOSS_FIELDS})
-    cfg.recipe = recipe_name
-    for key, value in recipe.items():
-        if getattr(cfg, key, None) is None:
-            setattr(cfg, key, value)
-    loss_overrides = {name: given[name] for name in LOSS_FIELDS if given.get(name) is not None}
-    cfg.loss_recipe = cfg.loss if isinstance(cfg.loss, str) else None
-    try:
-        if isinstance(cfg.loss, DistillConfig):
-            cfg.loss = dataclasses.replace(cfg.loss, **loss_overrides)
-        else:
-            cfg.loss = get_recipe(cfg.loss, **loss_overrides) if cfg.loss else DistillConfig(**loss_overrides)
-    except ValueError as error:  # DistillConfig names its fields: say the options instead
-        field = str(error).split(" ", 1)[0]
-        raise ValueError(str(error).replace(field, flag(field), 1) if field in LOSS_FIELDS else str(error)) from None
-    if cfg.teacher == "none":
-        cfg.teacher = None
-    if cfg.loss.uses_teacher and cfg.teacher is None:
-        raise ValueError(f"method {cfg.loss.method!r} with rank_weight {cfg.loss.rank_weight} needs a --teacher (a "
-                         "plain cross-entropy run: --teacher none --method ce --rank-weight 0)")
-    check_ranges(cfg, epochs=(1, None), batch_size=(1, None), log_every=(1, None), lr_reference_batch=(1, None),
-                 global_batch_size=(1, None))
-    for field, positive in (("lr", True), ("weight_decay", False), ("min_lr", False), ("warmup_lr", False),
-                            ("lr_warmup_epochs", False), ("momentum", False), ("lr_decay", True)):
-        check_number(flag(field), getattr(cfg, field), positive=positive)
-    return cfg
+def _options(section, group, *specs):
+    return tuple(Option(name, section, **({"group": group} | spec)) for name, spec in specs)
 
 
-def flag(field):
-    """The command-line option that sets a settings field."""
-    return "--dkd-warmup-epochs" if field == "warmup_epochs" else f"--{field.replace('_', '-')}"
+RUN_OPTIONS = _options(
+    "run", "run",
+    ("out", dict(help="output folder (metrics.jsonl, config.json, last.pt, best.pt, TensorBoard events); default: "
+                      "runs/<data>-<student>-<method>-<date-time>")),
+    ("resume", dict(choices=("auto",), help="auto: continue from OUT/last.pt when it exists (without --out: the "
+                                            "newest matching folder under runs/), else start there")),
+    ("seed", dict(type=int, default=0, low=0, below=SEED_LIMIT,
+                  help="seed of the weights, data order and augmentation (default 0)")),
+    ("device", dict(default="auto", choices=("auto", "cuda", "cpu"), help="default: cuda when there is a GPU")),
+    ("deterministic", dict(type=bool, default=False,
+                           help="deterministic kernels (slower; exact reruns on one machine)")),
+    ("epochs", dict(type=int, low=1, group="recipe")),
+    ("log_every", dict(type=int, low=1, group="recipe",
+                       help="steps between progress updates (each costs one host sync)")),
+    ("world_size", dict(type=int, command_line=False)),
+)
+SPEED_OPTIONS = _options(
+    "speed", "run",
+    ("precision", dict(default="auto", choices=("auto", "bf16", "fp16", "off"),
+                       help="autocast dtype (fp16 adds a GradScaler); auto: bf16 on CUDA, off on the CPU")),
+    ("compile", dict(type=bool, help="torch.compile the student, teacher and loss; default: on for CUDA, off on the "
+                                     "CPU")),
+    ("compile_mode", dict(choices=COMPILE_MODES, help="torch.compile mode; reduce-overhead replays CUDA graphs (one "
+                                                      "process only); default: the recipe's")),
+    ("channels_last", dict(type=bool, default=True, help="NHWC memory format (default on)")),
+)
+MODEL_OPTIONS = _options(
+    "model", "recipe",
+    ("teacher", dict(help="teacher architecture, or 'none' (with --method ce --rank-weight 0: plain cross-entropy)")),
+    ("teacher_weights", dict(help="a checkpoint path, or 'random' (untrained: for timing)")),
+    ("student", dict(help="student architecture")),
+)
+OPTIM_OPTIONS = _options(
+    "optim", "recipe",
+    ("batch_size", dict(type=int, low=1, help="images per process (per GPU) and step")),
+    ("global_batch_size", dict(type=int, low=1, help="images per step over all processes (sets --batch-size)")),
+    ("optimizer", dict(choices=("sgd", "adamw"))),
+    ("lr", dict(type=float, above=0, help="peak learning rate at the reference global batch")),
+    ("lr_reference_batch", dict(type=int, low=1, help="global batch that --lr is stated for (lr scales linearly)")),
+    ("scaled_lr", dict(type=float, command_line=False)),
+    ("momentum", dict(type=float, low=0, below=1)),
+    ("nesterov", dict(type=bool)),
+    ("weight_decay", dict(type=float, low=0)),
+    ("decay_norm_and_bias", dict(type=bool, help="apply weight decay to 1-D parameters (norms, biases) and ViT "
+                                                 "embeddings too")),
+    ("schedule", dict(choices=("step", "cosine"))),
+    ("milestones", dict(type=epoch_list, help="step schedule: epochs where the lr drops, e.g. 30,60,90")),
+    ("lr_decay", dict(type=float, above=0, help="step schedule: factor at each milestone")),
+    ("lr_warmup_epochs", dict(type=float, low=0)),
+    ("warmup_lr", dict(type=float, low=0)),
+    ("min_lr", dict(type=float, low=0, help="cosine schedule: final learning rate")),
+)
+LOSS_OPTIONS = (Option("loss", "selection", group="loss", help=f"a rankkd.recipes loss recipe: {', '.join(LOSS_RECIPES)}"),
+                ) + _options(
+    "loss", "loss",
+    ("method", dict(choices=METHODS)),
+    ("ce_weight", dict(type=float, low=0, help="alpha")),
+    ("kd_weight", dict(type=float, low=0, help="beta: weight of the KD / DKD / DIST term")),
+    ("temperature", dict(type=float, above=0)),
+    ("standardize", dict(type=bool, help="logit standardization (KD and DKD)")),
+    ("dkd_alpha", dict(type=float, low=0)),
+    ("dkd_beta", dict(type=float, low=0)),
+    ("warmup_epochs", dict(type=float, low=0, flag="--dkd-warmup-epochs", help="DKD: linear warm-up of its term")),
+    ("dist_beta", dict(type=float, low=0)),
+    ("dist_gamma", dict(type=float, low=0)),
+    ("rank_weight", dict(type=float, low=0, help="gamma: weight of the Kendall ranking loss; 0 turns it off")),
+    ("rank_k", dict(type=float, above=0, help="ranking loss: tanh steepness k")),
+    ("rank_teacher_mode", dict(choices=TEACHER_MODES)),
+    ("rank_topk", dict(type=int, low=2, help="ranking loss over the teacher's top-K classes only")),
+    ("rank_precision", dict(choices=PRECISIONS, help="ranking loss: fast (hardware tanh on GPUs, gradients within "
+                                                     "2e-3) or exact (full float32 math)")),
+    ("rank_backend", dict(choices=OP_BACKENDS)),
+)
+SHARED_OPTIONS = RUN_OPTIONS + SPEED_OPTIONS + MODEL_OPTIONS + OPTIM_OPTIONS + LOSS_OPTIONS
+# The options a demo's teacher run takes over from the run that needs it: where and how fast it runs.
+TEACHER_RUN_INHERITS = ("device", "precision", "compile", "workers", "data_backend")
+
+GROUP_TITLES = {"recipe": "recipe overrides (default: the recipe's value)",
+                "loss": "loss (rankkd.distill.DistillConfig; default: the --loss recipe's value)"}
 
 
-def check_ranges(cfg, **ranges):
-    """Raise a ValueError naming the option unless each field's value (when set) lies in its [low, high] range (None:
-    unbounded)."""
-    for field, (low, high) in ranges.items():
-        value = getattr(cfg, field)
-        if value is None:
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a run is, resolved once. Its parts are frozen dataclasses made from the options (section_type)."""
+    task: str
+    recipe: str
+    loss_recipe: str | None
+    run: object
+    model: object
+    data: object
+    augment: object
+    optim: object
+    speed: object
+    loss: DistillConfig
+
+
+def section_type(task, section):
+    """The frozen dataclass of one part of a task's RunConfig: a field per option of that part."""
+    fields = [(option.name, object) for option in task.options if option.section == section]
+    return dataclasses.make_dataclass(f"{task.name.title()}{section.title()}", fields, frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command line.
+
+
+def make_parser(task):
+    """The task's command line: its own options first, then the shared ones, grouped as --help shows them."""
+    parser = argparse.ArgumentParser(description=task.description)
+    groups = {"run": parser}
+    for option in task.options:
+        if not option.command_line:
             continue
-        if (low is not None and value < low) or (high is not None and value > high):
-            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise ValueError(f"{flag(field)} must be {bounds}, got {value}")
+        if option.group not in groups:
+            groups[option.group] = parser.add_argument_group(GROUP_TITLES.get(option.group, option.group))
+        kwargs = dict(default=option.default, help=option.help or None, dest=option.name)
+        if option.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update(type=option.type if option.type is not str else None, choices=option.choices)
+        if option.name == "deterministic":
+            kwargs = dict(action="store_true", help=option.help, dest=option.name)
+        groups[option.group].add_argument(option.option, **kwargs)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resolution: recipe + command line + processes and device, checked, frozen.
+
+
+def resolve_config(task, args, env, recipe_name=None):
+    """The frozen RunConfig of `task` for the parsed `args` on `env` (a DistEnv). recipe_name overrides the task's
+    choice of recipe (the demo teacher's own). Raises a ValueError naming the option on any bad setting."""
+    recipe_name, recipe = task.recipe(args, recipe_name)
+    given = {name: value for name, value in vars(args).items() if value is not None}
+    values = {option.name: option.default for option in task.options} | recipe | given
+    values["loss_recipe"] = values["loss"] if isinstance(values.get("loss"), str) else None
+    for option in task.options:
+        option.check(values.get(option.name))
+    values["loss"] = resolve_loss(values, {name: given[name] for name in given if _section(task, name) == "loss"})
+    if values["teacher"] == "none":
+        values["teacher"] = None
+    loss = values["loss"]
+    if loss.uses_teacher and values["teacher"] is None:
+        raise ValueError(f"method {loss.method!r} with rank_weight {loss.rank_weight} needs a --teacher (a plain "
+                         "cross-entropy run: --teacher none --method ce --rank-weight 0)")
+    resolve_for_device(values, env)
+    task.check(values, env)
+    values["out"] = run_folder_name(values, task)
+    return freeze(task, recipe_name, values)
+
+
+def _section(task, name):
+    return next((option.section for option in task.options if option.name == name), None)
+
+
+def resolve_loss(values, overrides):
+    """The recipe's loss (a LOSS_RECIPES name, a DistillConfig, or None: DistillConfig's defaults) with the command
+    line's loss options on top. The options' own ranges were checked already; what is left are rules between
+    them."""
+    base = values.get("loss")
+    if isinstance(base, str):
+        try:
+            base = get_recipe(base)
+        except ValueError:
+            raise ValueError(f"--loss {base!r} is not a loss recipe; known: {', '.join(LOSS_RECIPES)}") from None
+    merged = dataclasses.asdict(base or DistillConfig()) | overrides
+    if merged["rank_weight"] > 0:
+        try:
+            check_steepness(merged["rank_k"])
+        except ValueError:
+            raise ValueError(K_RULE.replace("k (the tanh steepness)", "--rank-k") + f", got {merged['rank_k']:g}") from None
+    if merged["standardize"] and merged["method"] not in ("kd", "dkd"):
+        raise ValueError(f"--standardize applies to --method kd and dkd, not {merged['method']!r}")
+    return DistillConfig(**merged)
+
+
+def resolve_for_device(values, env):
+    """What the processes and the device decide: batch sizes, the scaled lr, precision and compile."""
+    world_size = env.world_size
+    if values.get("global_batch_size") is not None:
+        if values["global_batch_size"] % world_size:
+            raise ValueError(f"--global-batch-size {values['global_batch_size']} does not split evenly over "
+                             f"{world_size} processes")
+        values["batch_size"] = values["global_batch_size"] // world_size
+    values["global_batch_size"] = values["batch_size"] * world_size
+    values["world_size"] = world_size
+    values["scaled_lr"] = values["lr"] * values["global_batch_size"] / values["lr_reference_batch"]
+    on_cuda = env.device.type == "cuda"
+    if values["precision"] == "auto":
+        values["precision"] = "bf16" if on_cuda else "off"
+    if values["compile"] is None:
+        values["compile"] = on_cuda
+    if values["compile_mode"] == "reduce-overhead" and world_size > 1:
+        # CUDA graphs and DDP's gradient hooks do not mix: several processes compile without graphs.
+        values["compile_mode"] = "default"
+
+
+def run_folder_name(values, task):
+    """--out, or runs/<data>-<student>-<method>[-rank]-<date-time>: with --resume auto the newest such folder that
+    holds a checkpoint. Decided on rank 0 and broadcast, so that every process agrees on one date-time."""
+    if values["out"] is not None:
+        return values["out"]
+    data = values["data"]
+    data_name = data if data in ("demo", "synthetic") else Path(data).name
+    loss = values["loss"]
+    prefix = f"runs/{data_name}-{values['student']}-{loss.method}{'-rank' if loss.rank_weight else ''}"
+    earlier = sorted(Path().glob(f"{prefix}-*/last.pt")) if values["resume"] else []
+    return broadcast_object(str(earlier[-1].parent) if earlier else f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def freeze(task, recipe_name, values):
+    parts = {section: section_type(task, section)(**{option.name: values[option.name] for option in task.options
+                                                     if option.section == section})
+             for section in SECTIONS if section != "loss"}
+    return RunConfig(task=task.name, recipe=recipe_name, loss_recipe=values["loss_recipe"], loss=values["loss"],
+                     **parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The record of a run's settings.
 
 
 def record(cfg):
-    """The resolved settings as plain JSON values, run and loss fields side by side: what config.json and every
-    checkpoint hold."""
-    fields = {key: value for key, value in vars(cfg).items() if key != "loss"} | dataclasses.asdict(cfg.loss)
-    return json.loads(json.dumps(fields, default=str))
+    """The settings as plain JSON values, part by part: what config.json and every checkpoint hold."""
+    parts = {section: dataclasses.asdict(getattr(cfg, section)) for section in SECTIONS}
+    return {"task": cfg.task, "recipe": cfg.recipe, "loss_recipe": cfg.loss_recipe,
+            **{section: {key: list(value) if isinstance(value, tuple) else value for key, value in fields.items()}
+               for section, fields in parts.items()}}
+
+
+def flat_settings(saved):
+    """A record() (or the flat dict that config.json held before the settings had parts) as one flat dict of
+    option names to values, for comparing two runs' settings."""
+    flat = {}
+    for key, value in saved.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
 
 
 def check_loss_fits(loss, num_classes, device):

@@ -1,5 +1,8 @@
-"""Evaluation metrics: top-k accuracy counts and the Kendall tau-b between student and teacher logits."""
+"""Evaluation: top-k accuracy counts, the Kendall tau-b between student and teacher logits, and a classifier's
+validation pass."""
 import torch
+
+from rankkd.training.distributed import all_reduce_sum
 
 
 def topk_correct(logits, target, ks=(1, 5)):
@@ -42,3 +45,29 @@ def kendall_tau(student_logits, teacher_logits, *, max_pairs_per_chunk=1 << 24):
         has_nan = student.isnan().any(dim=-1) | teacher.isnan().any(dim=-1)
         taus.append(tau.masked_fill(has_nan, float("nan")))
     return torch.cat(taus).float() if taus else student_logits.new_empty((0,), dtype=torch.float32)
+
+
+@torch.no_grad()
+def evaluate_classifier(student, teacher, loader, autocast, env, replays_cuda_graphs=False):
+    """Top-1 / top-5 (%) of student and teacher over the whole validation set, and the mean Kendall tau-b between
+    their logits. Sums stay per rank until one all-reduce at the end (ranks may run different batch counts)."""
+    sums = torch.zeros(7, dtype=torch.float64, device=env.device)
+    for images, labels in loader:
+        if replays_cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # each batch replays the graphs anew; its logits are used up
+        with autocast():
+            student_logits = student(images)
+            teacher_logits = teacher(images) if teacher is not None else None
+        sums[0] += labels.numel()
+        sums[1:3] += topk_correct(student_logits, labels)
+        if teacher_logits is not None:
+            sums[3:5] += topk_correct(teacher_logits, labels)
+            tau = kendall_tau(student_logits, teacher_logits)
+            sums[5] += tau.nansum()
+            sums[6] += tau.isfinite().sum()
+    images, top1, top5, teacher_top1, teacher_top5, tau_sum, tau_rows = all_reduce_sum(sums).tolist()
+    has_teacher = teacher is not None
+    return {"val_top1": 100 * top1 / images, "val_top5": 100 * top5 / images,
+            "val_tau": tau_sum / tau_rows if has_teacher and tau_rows else None,
+            "teacher_top1": 100 * teacher_top1 / images if has_teacher else None,
+            "teacher_top5": 100 * teacher_top5 / images if has_teacher else None}

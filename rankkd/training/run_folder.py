@@ -1,0 +1,189 @@
+"""A run's folder: proven writable before any work starts, written by one run at a time (RunLock), and its
+metrics.jsonl."""
+import fcntl
+import importlib.util
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rankkd.training.checkpoint import load_checkpoint, write_atomically
+from rankkd.training.config import flat_settings, record
+
+def _not_writable(what, folder, error):
+    """A ValueError naming `folder` (as `what`, say "--out") and why `error` (an OSError) stopped a write there."""
+    folder = Path(folder)
+    in_the_way = next((path for path in (folder, *folder.parents) if path.exists()), None)
+    if in_the_way is not None and not in_the_way.is_dir():
+        reason = f"{in_the_way} is a file, not a folder"
+    else:
+        reason = error.strerror or str(error)
+    return ValueError(f"{what} {folder} is not writable: {reason}")
+
+
+def check_writable(folder, what="folder"):
+    """Create `folder` (and its parents) when missing, and prove that files can be made in it by creating and
+    removing one; returns it as a Path. A ValueError "{what} {folder} is not writable: {reason}" otherwise, so that
+    a run finds out before it spends any time, not when it writes its first checkpoint."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as error:
+        raise _not_writable(what, folder, error) from None
+    return folder
+
+
+class FolderInUseError(ValueError):
+    """Another process holds the lock of the folder a run was going to write into."""
+
+
+class RunLock:
+    """An exclusive lock on a folder, for as long as one run writes into it: flock on FOLDER/.lock, which the kernel
+    drops when the holding process ends, however it ends, so a crash leaves no stale lock behind. The holder writes
+    its PID, host and start time into the lock file for others' messages.
+
+    Take it (`with RunLock(folder): ...`, or acquire()/release()) before writing anything into the folder; it creates
+    the folder when missing. When another process holds the lock, wait=False raises a FolderInUseError at once,
+    naming the folder and that process; wait=True (a cache that runs share) says once whom it waits for, then blocks
+    until that process is done. Within one process the lock nests: taking it again while held is a no-op (the demo
+    teacher is trained under its cache folder's lock by a run that locks the same folder). A forked child (a loader
+    worker) closes its copies of the descriptors at once, so the lock goes with the process that took it, even when a
+    worker outlives it for a while. `what` names the folder in messages ("--out", "cache"); `name` is the lock file's
+    name, for a second lock on one folder (the grid runner's claim on a cell, beside the trainer's own lock)."""
+
+    _held = {}  # lock file's real path -> [file descriptor, nesting depth], for this process
+    file_name = ".lock"
+
+    def __init__(self, folder, *, wait=False, what="folder", name=file_name):
+        self.folder, self.wait, self.what, self.file_name = Path(folder), wait, what, name
+        self._key = None
+
+    def acquire(self):
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._key = os.path.realpath(self.folder / self.file_name)
+            if self._key in RunLock._held:
+                RunLock._held[self._key][1] += 1
+                return self
+            descriptor = os.open(self._key, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise _not_writable(self.what, self.folder, error) from None
+        try:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder()
+                if not self.wait:
+                    raise FolderInUseError(f"{self.what} {self.folder} is in use by {holder}: wait for that run to "
+                                           "finish, or use another folder") from None
+                print(f"{self.what} {self.folder} is in use by {holder}: waiting for it to finish", file=sys.stderr,
+                      flush=True)
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+            holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, (json.dumps(holder) + "\n").encode(), 0)
+        except BaseException:  # the refusal, an interrupted wait: the descriptor must not outlive them
+            os.close(descriptor)
+            raise
+        RunLock._held[self._key] = [descriptor, 1]
+        return self
+
+    def release(self):
+        held = RunLock._held[self._key]
+        held[1] -= 1
+        if held[1] == 0:
+            del RunLock._held[self._key]
+            os.ftruncate(held[0], 0)  # no claim left behind for the next process to misread as its holder's
+            os.close(held[0])  # closing the last descriptor drops the flock
+
+    @staticmethod
+    def _forget_in_forked_child():
+        for descriptor, _depth in RunLock._held.values():
+            os.close(descriptor)  # the parent's descriptor, and with it the lock, stays open
+        RunLock._held.clear()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+    def _holder(self):
+        """The holder as "process PID on HOST (since TIME)". It writes that just after it takes the lock, so an
+        empty file is a holder about to write: read again for a moment before settling for "another process"."""
+        for _ in range(20):
+            try:
+                holder = json.loads(Path(self._key).read_text() or "null")
+            except (OSError, ValueError):
+                holder = None
+            if isinstance(holder, dict) and holder:
+                return f"process {holder['pid']} on {holder['host']} (since {holder['since']})"
+            time.sleep(0.05)
+        return "another process"
+
+
+os.register_at_fork(after_in_child=RunLock._forget_in_forked_child)
+
+
+class MetricsLog:
+    """Appends one JSON object per epoch to DIR/metrics.jsonl (and TensorBoard events when tensorboard is
+    installed). Opened for a run resumed after `resumed_epochs` epochs, it first drops lines of later epochs,
+    which a run killed between logging and checkpointing leaves behind."""
+
+    def __init__(self, out_dir, resumed_epochs=0):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        kept = []
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["epoch"] <= resumed_epochs]
+        write_atomically(self.path, lambda file: file.write("".join(line + "\n" for line in kept).encode()))
+        self.tensorboard = None
+        if importlib.util.find_spec("tensorboard") is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:  # an incomplete install: metrics.jsonl still has everything
+                print(f"TensorBoard events off: {error}", file=sys.stderr)
+            else:
+                self.tensorboard = SummaryWriter(out_dir, purge_step=resumed_epochs + 1)
+
+    def write(self, record):
+        with self.path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["epoch"])
+            self.tensorboard.flush()
+
+    def close(self):
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def open_run_folder(cfg, env):
+    """The run's folder, its lock (rank 0; None elsewhere) and the checkpoint to continue from (None: a fresh start).
+    Never overwrites a run silently, and never shares its folder: a second run on it stops at once."""
+    out = Path(cfg.run.out)
+    lock = RunLock(out, what="--out").acquire() if env.is_main else None  # before anything is written there
+    last = out / "last.pt"
+    if not last.exists():
+        return out, lock, None
+    if not cfg.run.resume:
+        raise ValueError(f"{out} already holds a run (last.pt): continue it with --resume auto, or pick another --out")
+    state = load_checkpoint(last)
+    saved, requested = flat_settings(state["config"]), flat_settings(record(cfg))
+    if saved["student"] != requested["student"]:
+        raise ValueError(f"{last} holds a {saved['student']} student, not --student {requested['student']}")
+    changed = [f"{key} {saved[key]} -> {value}" for key, value in requested.items()
+               if key in saved and saved[key] != value and key not in ("resume", "out")]
+    if changed and env.is_main:
+        print(f"resuming with changed settings: {', '.join(changed)}")
+    return out, lock, state

@@ -1,0 +1,56 @@
+"""What a task says: only what differs between benchmarks. The run skeleton (rankkd.training.run) does the rest.
+
+A task is an object with
+- name, description (the first line of --help), zoo (its model zoo in rankkd.models), options (the shared options
+  of rankkd.training.config plus its own) and recipes (name -> dict of option values, "loss" a rankkd.recipes
+  name or a DistillConfig; "demo" and "demo-teacher" run on the embedded demo data);
+- recipe(args, name): which recipe a command line starts from, adjusted to it (a pair picks models and loss);
+- check(values, env): its own rules over the resolved values (paths, architectures, combinations), raising a
+  ValueError that names the option; it may set what depends on the machine (loader workers);
+- make_data(cfg, env): loaders (train, val, num_classes, backend) after the rankkd.training.data protocol;
+- make_mixer(cfg, env, data): None, or a callable turning a training batch into (mixed images, soft targets);
+- build_student(cfg, num_classes), load_teacher(cfg, weights, num_classes);
+- train_forward(student, teacher, cfg): the module whose forward(inputs, targets, epoch) -> (outputs, loss terms)
+  is trained (DDP-wrapped and compiled by the skeleton);
+- evaluate(student, teacher, loader, autocast, env, cfg): the validation metrics of one epoch;
+- primary_metric (what "best" means) and summary_metrics: (label, student key, teacher key) per column of the
+  summary and of the per-epoch line.
+
+ClassificationTask below holds what the image-classification tasks share; a task overrides what differs.
+"""
+from rankkd import models
+from rankkd.distill import Distiller
+from rankkd.training.config import SHARED_OPTIONS
+from rankkd.training.metrics import evaluate_classifier
+
+
+class ClassificationTask:
+    zoo = "imagenet"
+    primary_metric = "val_top1"
+    summary_metrics = (("top-1", "val_top1", "teacher_top1"), ("top-5", "val_top5", "teacher_top5"))
+    own_options = ()
+
+    @property
+    def options(self):
+        return self.own_options + SHARED_OPTIONS
+
+    def check_models(self, values):
+        for name in (values["student"], values["teacher"]):
+            if name is not None:
+                models.check_model(name, self.zoo)
+
+    def make_mixer(self, cfg, env, data):
+        return None
+
+    def build_student(self, cfg, num_classes):
+        return models.build_model(cfg.model.student, num_classes, self.zoo)
+
+    def load_teacher(self, cfg, weights, num_classes):
+        return models.load_teacher(cfg.model.teacher, weights, num_classes, self.zoo)
+
+    def train_forward(self, student, teacher, cfg):
+        return Distiller(student, teacher if cfg.loss.uses_teacher else None, cfg.loss)
+
+    def evaluate(self, student, teacher, loader, autocast, env, cfg):
+        return evaluate_classifier(student, teacher, loader, autocast, env,
+                                   replays_cuda_graphs=cfg.speed.compile and cfg.speed.compile_mode == "reduce-overhead")
