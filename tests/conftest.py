@@ -29,7 +29,7 @@ def rel_err(out, ref):
 def lock_is_free(folder):
     """Whether a new flock on the folder's RunLock file succeeds (a second open file conflicts even in this
     process)."""
-    from rankkd.training.utils import RunLock
+    from rankkd.training.run_folder import RunLock
 
     with open(folder / RunLock.file_name, "rb") as file:
         try:

@@ -17,8 +17,11 @@ import pytest
 import torch
 from conftest import lock_is_free, write_cifar100
 
-from rankkd.distill import CIFAR100_PUBLISHED_TOP1
-from rankkd.models import cifar
+from rankkd.models import build_model
+from rankkd.recipes import CIFAR100_PUBLISHED_TOP1
+from rankkd.training.config import flat_settings
+from rankkd.training.grid import report, scheduler
+from rankkd.training.grid.cells import Cell
 
 REPO = Path(__file__).resolve().parents[1]
 RUNNER = REPO / "train" / "cifar100_table.py"
@@ -38,7 +41,8 @@ def teachers(tmp_path_factory):
     torch.manual_seed(0)
     for name in PAIRS.values():
         (root / f"{name}_vanilla").mkdir()
-        torch.save({"model": cifar.build(name).state_dict(), "epoch": 240}, root / f"{name}_vanilla/ckpt_epoch_240.pth")
+        torch.save({"model": build_model(name, 100, "cifar").state_dict(), "epoch": 240},
+                   root / f"{name}_vanilla/ckpt_epoch_240.pth")
     return root
 
 
@@ -101,7 +105,7 @@ def test_grid_table_equals_the_runs_metrics_and_a_second_invocation_skips_every_
         folder = out / row["pair"] / ("kd" if row["method"] == "kd" else "kd-rank-k1") / "seed0"
         expected = expected_row([folder])
         check_row(row, expected)
-        config = json.loads((folder / "config.json").read_text())
+        config = flat_settings(json.loads((folder / "config.json").read_text()))
         assert config["rank_weight"] == (0.0 if row["method"] == "kd" else config["ce_weight"])
         assert config["epochs"] == 1
         assert config["teacher_weights"] == str(teachers / f"{PAIRS[row['pair']]}_vanilla/ckpt_epoch_240.pth")
@@ -153,7 +157,7 @@ def test_seeds_and_rank_k_are_axes(data, teachers, tmp_path):
         folders = [out / "res56_res20" / f"kd-rank-k{number(row['rank_k']):g}" / f"seed{seed}" for seed in (0, 1)]
         check_row(row, expected_row(folders))
         for seed, folder in enumerate(folders):
-            config = json.loads((folder / "config.json").read_text())
+            config = flat_settings(json.loads((folder / "config.json").read_text()))
             assert (config["rank_k"], config["seed"]) == (number(row["rank_k"]), seed)
     assert "kd+rank k=100 |" in (out / "table.md").read_text()
 
@@ -295,20 +299,10 @@ def write_cell(out, cell, top1s, taus, seconds=2.0, finished=True):
     return folder
 
 
-@pytest.fixture(scope="module")
-def table_runner():
-    """train/cifar100_table.py as a module, for its parts."""
-    sys.path.insert(0, str(REPO / "train"))
-    import cifar100_table
-
-    return cifar100_table
-
-
-def test_table_groups_seeds_and_lengths_and_skips_the_chart_without_matplotlib(table_runner, tmp_path, monkeypatch):
+def test_table_groups_seeds_and_lengths_and_skips_the_chart_without_matplotlib(tmp_path, monkeypatch):
     """The table's arithmetic on made-up runs: mean and std over seeds, runs of another length in their own row
     (with their own baseline), unfinished runs left out, a reopened cell counted as the run it finished, the
     published numbers only for CIFAR-100 data; without matplotlib no chart."""
-    Cell = table_runner.Cell
     generator = torch.Generator().manual_seed(1)
     out = tmp_path / "table"
 
@@ -327,10 +321,10 @@ def test_table_groups_seeds_and_lengths_and_skips_the_chart_without_matplotlib(t
     groups["kd", 2] = [reopened]
     groups["dkd", 2] = [write_cell(out, Cell("res110_res32", "dkd", 0), *results(2))]
     (out / "table.png").write_bytes(b"an old chart")
-    monkeypatch.setattr(table_runner, "matplotlib_installed", lambda: False)
+    monkeypatch.setattr(report, "matplotlib_installed", lambda: False)
 
     cifar_grid = {"data": "/data/cifar-100-python", "trainer_args": [], "published_baselines": True}
-    rows, text = table_runner.write_table(out, cifar_grid, "progress")
+    rows, text = report.write_table(out, cifar_grid, "progress")
     assert [(row["pair"], row["method"], row["epochs"]) for row in rows] == [
         ("res56_res20", "kd", 1), ("res56_res20", "kd", 2), ("res56_res20", "kd", 3), ("res56_res20", "kd+rank", 1),
         ("res56_res20", "kd+rank", 3), ("res110_res32", "dkd", 2)]
@@ -348,16 +342,16 @@ def test_table_groups_seeds_and_lengths_and_skips_the_chart_without_matplotlib(t
     assert text == (out / "table.md").read_text() and "table.png is skipped: matplotlib is not installed" in text
 
     synthetic_grid = {"data": "synthetic", "trainer_args": ["--batch-size", "32"], "published_baselines": False}
-    rows, text = table_runner.write_table(out, synthetic_grid, "progress")
+    rows, text = report.write_table(out, synthetic_grid, "progress")
     assert all(row["published_top1"] is None for row in rows)
     assert "Options of every run: --batch-size 32." in text
 
-    monkeypatch.setattr(table_runner, "matplotlib_installed", lambda: True)  # the chart of runs of several lengths
-    rows, text = table_runner.write_table(out, cifar_grid, "progress")
+    monkeypatch.setattr(report, "matplotlib_installed", lambda: True)  # the chart of runs of several lengths
+    rows, text = report.write_table(out, cifar_grid, "progress")
     assert "table.png" not in text and (out / "table.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
-def test_slots_follow_the_visible_gpus_and_runs_leave_the_launchers_variables(table_runner, monkeypatch):
+def test_slots_follow_the_visible_gpus_and_runs_leave_the_launchers_variables(monkeypatch):
     """Where the runs go on a machine with GPUs (faked here): N cells on each visible GPU by its real id, one GPU per
     torchrun process; a run's environment names its GPU and its share of the cores, and none of torchrun's
     variables (or the run would take itself for a process of the runner's launch)."""
@@ -365,20 +359,19 @@ def test_slots_follow_the_visible_gpus_and_runs_leave_the_launchers_variables(ta
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    args = table_runner.parse_args(["--parallel", "3"])
-    launch = table_runner.find_slots(args)
-    assert launch.slots == ["3", "3", "3", "5", "5", "5"] and launch.world_size == 1
+    placement = scheduler.find_slots("auto", 3)
+    assert placement.slots == ["3", "3", "3", "5", "5", "5"] and placement.world_size == 1
     cores = len(os.sched_getaffinity(0))
-    assert launch.threads == max(1, cores // 6)
+    assert placement.threads == max(1, cores // 6)
 
     torchrun = {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "node0",
                 "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "grid", "OMP_NUM_THREADS": "1"}
     for name, value in torchrun.items():
         monkeypatch.setenv(name, value)
-    launch = table_runner.find_slots(table_runner.parse_args([]))
-    assert launch.slots == ["5"] * table_runner.CELLS_PER_GPU and (launch.rank, launch.world_size) == (3, 4)
-    assert launch.threads == max(1, cores // (2 * table_runner.CELLS_PER_GPU))
-    env = table_runner.run_environment("5", launch)
-    assert env["CUDA_VISIBLE_DEVICES"] == "5" and env["OMP_NUM_THREADS"] == str(launch.threads)
+    placement = scheduler.find_slots("auto", None)
+    assert placement.slots == ["5"] * scheduler.CELLS_PER_GPU and (placement.rank, placement.world_size) == (3, 4)
+    assert placement.threads == max(1, cores // (2 * scheduler.CELLS_PER_GPU))
+    env = scheduler.run_environment("5", placement)
+    assert env["CUDA_VISIBLE_DEVICES"] == "5" and env["OMP_NUM_THREADS"] == str(placement.threads)
     assert not set(torchrun) - {"OMP_NUM_THREADS"} & set(env)
-    assert table_runner.find_slots(table_runner.parse_args(["--device", "cpu"])).slots == [None]
+    assert scheduler.find_slots("cpu", None).slots == [None]

@@ -93,7 +93,7 @@ def test_names_are_mdistillers():
 @pytest.mark.parametrize("name", cifar.NAMES)
 def test_state_dict_and_output_shape(name):
     parameters, entries, digest = MDISTILLER[name]
-    model = cifar.build(name)
+    model = cifar.build_model(name)
     state_dict = model.state_dict()
     assert sum(p.numel() for p in model.parameters()) == parameters
     assert len(state_dict) == entries
@@ -104,7 +104,7 @@ def test_state_dict_and_output_shape(name):
     with torch.no_grad():
         logits = model.eval()(x)
         assert isinstance(logits, torch.Tensor) and logits.shape == (2, 100) and logits.isfinite().all()
-        assert cifar.build(name, num_classes=10).eval()(x).shape == (2, 10)
+        assert cifar.build_model(name, num_classes=10).eval()(x).shape == (2, 10)
 
 
 def wrn_reference(state_dict, x, depth):
@@ -130,7 +130,7 @@ def wrn_reference(state_dict, x, depth):
 
 @pytest.mark.parametrize("name,depth", [("wrn_16_1", 16), ("wrn_16_2", 16)])
 def test_wrn_matches_functional_reference(name, depth):
-    model = randomize(cifar.build(name), seed=depth).double().eval()
+    model = randomize(cifar.build_model(name), seed=depth).double().eval()
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         assert rel_err(model(x), wrn_reference(model.state_dict(), x, depth)) < 1e-12
@@ -138,7 +138,7 @@ def test_wrn_matches_functional_reference(name, depth):
 
 @pytest.mark.parametrize("name", ["resnet8x4", "wrn_16_2", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2"])
 def test_load_teacher_from_mdistiller_checkpoint(tmp_path, name):
-    source = randomize(cifar.build(name), seed=len(name)).eval()
+    source = randomize(cifar.build_model(name), seed=len(name)).eval()
     path = tmp_path / f"{name}_ckpt_epoch_240.pth"
     torch.save({"model": source.state_dict(), "epoch": 240, "best_acc": torch.tensor(77.0)}, path)
     teacher = cifar.load_teacher(name, path)
@@ -149,7 +149,7 @@ def test_load_teacher_from_mdistiller_checkpoint(tmp_path, name):
 
 
 def test_load_teacher_accepts_bare_and_rankkd_checkpoints(tmp_path):
-    source = randomize(cifar.build("resnet8"), seed=1).eval()
+    source = randomize(cifar.build_model("resnet8"), seed=1).eval()
     old_style = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
     x = torch.randn(3, 3, 32, 32)
     expected = source(x).detach()
@@ -168,7 +168,7 @@ def test_load_teacher_random_is_frozen_and_untrained():
 
 def test_load_teacher_class_count_mismatch_names_file(tmp_path):
     path = tmp_path / "ten_classes.pth"
-    torch.save({"model": cifar.build("resnet8", num_classes=10).state_dict()}, path)
+    torch.save({"model": cifar.build_model("resnet8", num_classes=10).state_dict()}, path)
     with pytest.raises(ValueError, match=r"ten_classes\.pth.*has 10 classes.*100 are expected"):
         cifar.load_teacher("resnet8", path)
 
@@ -181,7 +181,7 @@ def test_load_teacher_class_count_mismatch_names_file(tmp_path):
 ])
 def test_load_teacher_other_models_checkpoint_names_file(tmp_path, saved, wanted, problem):
     path = tmp_path / f"{saved}.pth"
-    torch.save({"model": cifar.build(saved).state_dict()}, path)
+    torch.save({"model": cifar.build_model(saved).state_dict()}, path)
     with pytest.raises(ValueError, match=rf"{saved}\.pth.*does not hold '{wanted}' weights.*{problem}"):
         cifar.load_teacher(wanted, path)
 
@@ -193,9 +193,9 @@ def test_load_teacher_missing_file():
 
 def test_build_rejects_unknown_names_and_class_counts():
     with pytest.raises(ValueError, match="unknown CIFAR model 'resnet50'. Did you mean ResNet50"):
-        cifar.build("resnet50")
+        cifar.build_model("resnet50")
     with pytest.raises(ValueError, match="Did you mean MobileNetV2"):
-        cifar.build("mobilenetv2")
+        cifar.build_model("mobilenetv2")
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="num_classes must be a positive integer"):
-            cifar.build("resnet8", num_classes=bad)
+            cifar.build_model("resnet8", num_classes=bad)

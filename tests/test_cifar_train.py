@@ -14,6 +14,8 @@ import pytest
 import torch
 from conftest import write_cifar100
 
+from rankkd.training.config import flat_settings
+
 REPO = Path(__file__).resolve().parents[1]
 TRAINER = REPO / "train" / "cifar100.py"
 
@@ -44,14 +46,14 @@ def checkpoint(path):
 
 def test_cifar_folder_trains_and_evaluates(cifar_folder, tmp_path):
     out = tmp_path / "run"
-    result = train(cifar_folder, *TINY, "--epochs", "2", "--method", "dkd", "--out", str(out))
+    result = train(cifar_folder, *TINY, "--epochs", "2", "--method", "dkd+rank", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     records = metrics(out)
     assert [record["epoch"] for record in records] == [1, 2]
     for record in records:
         assert record["loss_total"] == pytest.approx(record["loss_ce"] + record["loss_dkd"] + record["loss_rank"])
         assert 0 <= record["val_top1"] <= record["val_top5"] <= 100 and -1 <= record["val_tau"] <= 1
-    config = json.loads((out / "config.json").read_text())
+    config = flat_settings(json.loads((out / "config.json").read_text()))
     # The pair's recipe (res32x4_res8x4, mdistiller's dkd config), with the models the command line chose.
     expected = {"pair": "res32x4_res8x4", "student": "resnet8", "method": "dkd", "ce_weight": 1.0, "dkd_alpha": 1.0,
                 "dkd_beta": 8.0, "temperature": 4.0, "warmup_epochs": 20.0, "rank_weight": 1.0, "lr": 0.05,
@@ -71,7 +73,7 @@ def test_small_lr_students_and_per_pair_dkd_beta(cifar_folder, tmp_path):
         result = train(cifar_folder, *TINY_TEACHER, *student, "--pair", pair, "--method", "dkd", "--epochs", "1",
                        "--out", str(out))
         assert result.returncode == 0, result.stdout + result.stderr
-        config = json.loads((out / "config.json").read_text())
+        config = flat_settings(json.loads((out / "config.json").read_text()))
         assert (config["lr"], config["dkd_beta"]) == (lr, beta), (pair, student)
 
 
@@ -83,7 +85,7 @@ def test_synthetic_data_runs_the_pair_models(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     (record,) = metrics(out)
     assert record["train_img_s"] > 0 and record["loss_rank"] > 0
-    config = json.loads((out / "config.json").read_text())
+    config = flat_settings(json.loads((out / "config.json").read_text()))
     assert (config["teacher"], config["student"], config["teacher_weights"]) == ("resnet56", "resnet20", "random")
 
 
@@ -145,7 +147,7 @@ def test_bad_input_is_refused_by_name(tmp_path, case):
         from rankkd.models import cifar
 
         weights = tmp_path / "teacher.pth"
-        torch.save({"model": cifar.build("resnet8", num_classes=10).state_dict()}, weights)
+        torch.save({"model": cifar.build_model("resnet8", num_classes=10).state_dict()}, weights)
         args[args.index("random")] = str(weights)
         message = str(weights)
     out = tmp_path / "run"

@@ -167,7 +167,8 @@ def test_demo_dataset_builds_from_sklearn_and_is_reused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo, "_write_tree", must_not_rebuild)
     assert data.prepare_demo() == root
-    loaders = data.make_loaders(root, batch_size=64, image_size=32, min_scale=0.35, hflip=False, backend="dali")
+    loaders = data.make_loaders(root, batch_size=64, image_size=32, backend="dali",
+                               augment=data.TrainAugmentation(min_scale=0.35, hflip=False))
     assert loaders.num_classes == data.DEMO_NUM_CLASSES and len(loaders.train) == 1437 // 64
     images, labels = next(iter(_epoch(loaders.train, 0)))
     assert images.shape == (64, 3, 32, 32) and labels.max() < 10

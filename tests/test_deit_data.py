@@ -39,10 +39,12 @@ def _epoch(loader, epoch):
 
 @needs_dali
 def test_dali_rand_augment_runs_on_cpu_changes_images_and_is_deterministic(flat_tree):
-    common = {"batch_size": 16, "image_size": 16, "backend": "dali", "num_threads": 1, "hflip": False, "seed": 5}
+    common = {"batch_size": 16, "image_size": 16, "backend": "dali", "num_threads": 1, "seed": 5}
     # Flat images stay flat through crops and resizing: the plain epoch reads the same files as flat colours.
-    plain = torch.cat([images for images, _ in _epoch(data.make_loaders(flat_tree, **common).train, 0)])
-    train = data.make_loaders(flat_tree, rand_augment_ops=2, **common).train
+    plain = torch.cat([images for images, _ in _epoch(
+        data.make_loaders(flat_tree, augment=data.TrainAugmentation(hflip=False), **common).train, 0)])
+    train = data.make_loaders(flat_tree, augment=data.TrainAugmentation(hflip=False, rand_augment_ops=2),
+                              **common).train
     first, again = _epoch(train, 0), _epoch(train, 0)
     images = torch.cat([images for images, _ in first])
     assert images.shape == plain.shape == (192, 3, 16, 16)
@@ -58,7 +60,7 @@ def test_dali_rand_augment_runs_on_cpu_changes_images_and_is_deterministic(flat_
 @pytest.mark.parametrize("backend", DATA_BACKENDS)
 def test_random_erasing_erases_a_quarter_of_the_images_with_unit_noise(flat_tree, backend):
     loaders = data.make_loaders(flat_tree, batch_size=64, image_size=16, backend=backend, num_threads=1,
-                                random_erasing=0.25, seed=2)
+                                augment=data.TrainAugmentation(random_erasing=0.25), seed=2)
     erased_count, erased_area, noise = 0, [], []
     images_seen = 0
     for epoch in range(3):
@@ -128,7 +130,7 @@ def test_loaders_with_repeats_read_copies_on_both_ranks(tree, backend):
     seen = {}
     for rank in range(2):
         loaders = data.make_loaders(tree, batch_size=4, image_size=24, backend=backend, num_threads=1, rank=rank,
-                                    world_size=2, repeats=3, seed=1)
+                                    world_size=2, augment=data.TrainAugmentation(repeats=3), seed=1)
         assert len(loaders.train) == 2 and loaders.train.num_samples == 8
         images = torch.cat([images for images, _ in _epoch(loaders.train, 0)])
         seen[rank] = ((_pixel_means(images)[:, 1] - 10) / 12).round().long().tolist()
@@ -245,7 +247,7 @@ def test_mixer_off_and_bad_arguments():
 
 @pytest.mark.parametrize(("name", "value"), [("rand_augment_ops", -1), ("rand_augment_magnitude", 11),
                                              ("random_erasing", 1.5), ("repeats", 0)])
-def test_loader_options_are_checked(tree, name, value):
+def test_augmentation_options_are_checked(name, value):
     with pytest.raises(ValueError, match=name):
-        data.make_loaders(tree, batch_size=4, image_size=24, backend="torchvision", **{name: value})
+        data.TrainAugmentation(**{name: value})
 

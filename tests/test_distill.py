@@ -13,8 +13,9 @@ from torch import nn
 import rankkd
 import rankkd.distill
 from rankkd import losses
-from rankkd.distill import (CIFAR100_DKD_BETA, CIFAR100_PAIRS, LOSS_RECIPES, DistillConfig, Distiller,
-                            cifar100_recipe, cifar100_recipe_name, distill_losses, get_recipe)
+from rankkd.distill import DistillConfig, Distiller, distill_losses
+from rankkd.recipes import (CIFAR100_DKD_BETA, CIFAR100_PAIRS, LOSS_RECIPES, cifar100_recipe, cifar100_recipe_name,
+                            get_recipe)
 
 
 def small_cnn(width, classes=10):
@@ -135,7 +136,7 @@ def test_config_rejects_bad_values_by_name():
         DistillConfig(method="dist", standardize=True)
 
 
-# Every base recipe, written from its source (see rankkd.distill's docstring); fields not listed keep the defaults.
+# Every base recipe, written from its source (see rankkd.recipes' docstring); fields not listed keep the defaults.
 _DKD_CIFAR = dict(method="dkd", ce_weight=1.0, temperature=4.0, dkd_alpha=1.0, warmup_epochs=20.0)
 _DKD_CIFAR_LS = dict(method="dkd", ce_weight=1.0, temperature=2.0, standardize=True, dkd_alpha=9.0,
                      warmup_epochs=20.0)
@@ -238,7 +239,8 @@ def test_cifar100_recipe_picks_by_pair_method_and_flags():
 def test_get_recipe_copies_overrides_and_explains_mistakes():
     config = get_recipe("imagenet-kd-rank", rank_k=2.0, standardize=True)
     assert (config.rank_k, config.standardize, config.ce_weight) == (2.0, True, 0.5)
-    config.ce_weight = 9.0
+    with pytest.raises(dataclasses.FrozenInstanceError):  # a recipe can't be changed through the copy handed out
+        config.ce_weight = 9.0
     assert LOSS_RECIPES["imagenet-kd-rank"].ce_weight == 0.5 and LOSS_RECIPES["imagenet-kd-rank"].rank_k == 1.0
     with pytest.raises(ValueError, match="imagenet-kd-rank"):  # the message lists the known names
         get_recipe("imagenet-kd-ranking")

@@ -25,7 +25,7 @@ def test_plug_in_example_runs_as_written():
 def test_readme_pair_table_states_the_published_numbers_the_code_uses():
     """The README's CIFAR-100 pair table and rankkd.distill (DKD β, mdistiller's published KD / DKD top-1, which the
     grid runner's table prints beside its own) say the same."""
-    from rankkd.distill import CIFAR100_DKD_BETA, CIFAR100_PUBLISHED_TOP1
+    from rankkd.recipes import CIFAR100_DKD_BETA, CIFAR100_PUBLISHED_TOP1
 
     rows = re.findall(r"^\| (\w+) \| \w+ \| \w+ \| 0\.0[15] \| (\d+) \| ([\d.]+) \| ([\d.]+) \|$",
                       (ROOT / "README.md").read_text(), flags=re.MULTILINE)

@@ -17,11 +17,11 @@ import torch
 from conftest import lock_is_free
 from PIL import Image
 
-from rankkd import models
-from rankkd.training import utils
+from rankkd.models.weights import read_checkpoint_weights
+from rankkd.training import run_folder
+from rankkd.training.checkpoint import CHECKPOINT_KEYS, load_checkpoint, save_checkpoint
 from rankkd.training.data import folder, scan
-from rankkd.training.utils import (CHECKPOINT_KEYS, FolderInUseError, RunLock, check_writable, load_checkpoint,
-                                   save_checkpoint)
+from rankkd.training.run_folder import FolderInUseError, RunLock, check_writable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 HOLD = """
 import sys, time
-from rankkd.training.utils import RunLock
+from rankkd.training.run_folder import RunLock
 RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(600)
@@ -38,7 +38,7 @@ time.sleep(600)
 
 TAKE = """
 import sys
-from rankkd.training.utils import FolderInUseError, RunLock
+from rankkd.training.run_folder import FolderInUseError, RunLock
 try:
     RunLock(sys.argv[1], wait=sys.argv[2] == "wait", what="--out").acquire()
 except FolderInUseError as error:
@@ -93,7 +93,7 @@ def test_waiting_lock_says_whom_it_waits_for_then_takes_over(tmp_path, holder):
 
 HOLD_WITH_CHILD = """
 import os, sys, time
-from rankkd.training.utils import RunLock
+from rankkd.training.run_folder import RunLock
 RunLock(sys.argv[1], what="--out").acquire()
 if os.fork() == 0:  # a loader worker that outlives its parent for a while
     time.sleep(60)
@@ -161,7 +161,7 @@ def test_check_writable_refuses_a_read_only_folder(tmp_path, monkeypatch):
             # Root (as in many containers) writes into any folder; fail the probe the way a read-only folder does.
             def denied(**kwargs):
                 raise PermissionError(13, "Permission denied", os.path.join(kwargs["dir"], ".write-probe-x"))
-            monkeypatch.setattr(utils.tempfile, "mkstemp", denied)
+            monkeypatch.setattr(run_folder.tempfile, "mkstemp", denied)
         with pytest.raises(ValueError, match=f"^the cache folder {folder} is not writable: Permission denied$"):
             check_writable(folder, "the cache folder")
     finally:
@@ -199,7 +199,7 @@ BROKEN_FILES = {  # name: (contents, a pattern for what the message must say)
     "git lfs pointer": (lambda: b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n",
                         "Git LFS pointer"),
 }
-READERS = {"load_checkpoint": load_checkpoint, "read_checkpoint_weights": models.read_checkpoint_weights}
+READERS = {"load_checkpoint": load_checkpoint, "read_checkpoint_weights": read_checkpoint_weights}
 
 
 @pytest.mark.parametrize("reader", READERS)
@@ -254,10 +254,10 @@ def test_read_checkpoint_weights_refuses_files_without_weights(tmp_path):
     path = tmp_path / "config.pt"
     torch.save({"epoch": 3, "config": {"lr": 0.1}}, path)
     with pytest.raises(ValueError, match=f"^checkpoint '{path}' holds no model weights but a dict of epoch, config"):
-        models.read_checkpoint_weights(path)
+        read_checkpoint_weights(path)
     torch.save({}, path)
     with pytest.raises(ValueError, match="holds no model weights but {}"):
-        models.read_checkpoint_weights(path)
+        read_checkpoint_weights(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

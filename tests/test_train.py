@@ -4,7 +4,6 @@ an untrained teacher) keep the whole file to a couple of minutes on 2 cores."""
 import contextlib
 import json
 import os
-import runpy
 import signal
 import subprocess
 import sys
@@ -19,8 +18,14 @@ from rankkd import models
 from rankkd.training.data import prepare_demo
 from rankkd.distill import DistillConfig, Distiller
 from rankkd.training.data import synthetic_loader
-from rankkd.training.loop import resolve_for_device, teacher_cache_folder, train_one_epoch
-from rankkd.training.utils import DistEnv, learning_rate, save_checkpoint
+from rankkd.training.checkpoint import save_checkpoint
+from rankkd.training.config import flat_settings, make_parser, resolve_config
+from rankkd.training.distributed import DistEnv
+from rankkd.training.loop import train_epoch
+from rankkd.training.optim import learning_rate
+from rankkd.training.run import main
+from rankkd.training.tasks.imagenet import TASK
+from rankkd.training.teacher_cache import teacher_cache_folder
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINER = REPO / "train" / "imagenet.py"
@@ -65,13 +70,14 @@ def test_two_process_torchrun_keeps_ranks_identical(cache, tmp_path):
     # Each rank runs the trainer's main() and saves the weights it ends with; both must be bit-identical.
     wrapper = tmp_path / "save_each_rank.py"
     wrapper.write_text(
-        "import os, runpy, sys, torch\n"
-        "trainer = runpy.run_path(sys.argv[1])  # defines main() without running it\n"
-        "summary = trainer['main'](sys.argv[3:])\n"
+        "import os, sys, torch\n"
+        "from rankkd.training.run import main\n"
+        "from rankkd.training.tasks.imagenet import TASK\n"
+        "summary = main(TASK, sys.argv[3:])\n"
         "torch.save(summary['student'].state_dict(), os.path.join(sys.argv[2], f\"rank{os.environ['RANK']}.pt\"))\n")
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
-               str(TRAINER), str(tmp_path), *TINY, "--batch-size", "64", "--epochs", "2", "--out", str(out)]
+               "unused", str(tmp_path), *TINY, "--batch-size", "64", "--epochs", "2", "--out", str(out)]
     result = subprocess.run(command, env=run_env(cache), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 process(es) on cpu, batch 64 per process = 128 global" in result.stdout
@@ -128,7 +134,7 @@ def test_metrics_checkpoints_and_config_are_written(cache, tmp_path):
         saved = checkpoint(out / name)
         assert isinstance(saved["student"], dict) and saved["epoch"] >= 1
     assert checkpoint(out / "last.pt")["epoch"] == 2
-    config = json.loads((out / "config.json").read_text())
+    config = flat_settings(json.loads((out / "config.json").read_text()))
     assert config["method"] == "kd" and config["rank_weight"] == 1.0 and config["global_batch_size"] == 128
     assert "validation results" in result.stdout and "student (kd + rank)" in result.stdout
     assert not list(out.glob(".*.tmp"))  # no temporary file of the atomic writes left behind
@@ -163,7 +169,7 @@ def test_resnet50_to_mobilenet_v1_recipe_runs_on_synthetic_data(cache, tmp_path)
                    "--num-classes", "10", "--batch-size", "4", "--steps-per-epoch", "2", "--log-every", "1",
                    "--epochs", "1", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
-    config = json.loads((out / "config.json").read_text())
+    config = flat_settings(json.loads((out / "config.json").read_text()))
     assert (config["teacher"], config["student"], config["loss_recipe"]) == ("resnet50", "mobilenet_v1",
                                                                              "imagenet-kd-rank")
     assert (config["lr"], config["milestones"], config["weight_decay"]) == (0.2, [30, 60, 90], 1e-4)
@@ -175,7 +181,7 @@ def test_deit_recipe_runs_on_the_demo_with_its_augmentation(cache, tmp_path):
     result = train(cache, "--recipe", "deit", "--data", "demo", "--teacher-weights", "random", "--image-size", "16",
                    "--batch-size", "64", "--workers", "1", "--log-every", "5", "--epochs", "1", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
-    config = json.loads((out / "config.json").read_text())
+    config = flat_settings(json.loads((out / "config.json").read_text()))
     deit = {"student": "deit_tiny_patch16_224", "optimizer": "adamw", "rand_augment_ops": 2, "random_erasing": 0.25,
             "repeated_aug": 3, "mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1, "drop_path": 0.1,
             "rank_weight": 0.5, "teacher": "demo_cnn_large", "image_size": 16}
@@ -185,17 +191,12 @@ def test_deit_recipe_runs_on_the_demo_with_its_augmentation(cache, tmp_path):
 
 
 @pytest.fixture
-def trainer_module(cache, monkeypatch):
-    """train/imagenet.py's functions, called in this process (main() sets torch's thread count: restored after)."""
+def trainer_main(cache, monkeypatch):
+    """The ImageNet trainer's main(), called in this process (it sets torch's thread count: restored after)."""
     monkeypatch.setenv("RANKKD_CACHE", str(cache))
     threads = torch.get_num_threads()
-    yield runpy.run_path(str(TRAINER))
+    yield lambda argv: main(TASK, argv)
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def trainer_main(trainer_module):
-    return trainer_module["main"]
 
 
 def bad_teacher_checkpoints(folder):
@@ -267,15 +268,13 @@ def test_resuming_a_complete_run_says_so(cache, tmp_path):
     assert [record["epoch"] for record in metrics(out)] == [1]
 
 
-def test_teacher_cache_key_covers_every_training_setting(trainer_module):
+def test_teacher_cache_key_covers_every_training_setting():
     # A teacher trained by 2 processes (another global batch) must not be reused by a run on 1, nor one trained with
     # another seed or data backend.
     folders = set()
     for world_size, extra in ((1, []), (2, []), (1, ["--seed", "1"]), (1, ["--data-backend", "torchvision"])):
-        args = trainer_module["make_parser"]().parse_args(["--student", "demo_cnn_large", *extra])
-        args.recipe = "demo-teacher"
-        cfg = trainer_module["make_config"](args)
-        resolve_for_device(cfg, DistEnv(0, 0, world_size, torch.device("cpu")))
+        args = make_parser(TASK).parse_args(["--student", "demo_cnn_large", "--out", "unused", *extra])
+        cfg = resolve_config(TASK, args, DistEnv(0, 0, world_size, torch.device("cpu")), "demo-teacher")
         folders.add(teacher_cache_folder(cfg))
     assert len(folders) == 4
 
@@ -387,17 +386,17 @@ def test_dkd_warm_up_sees_epochs_counted_from_one(tmp_path):
         loss = weight * images.mean()
         return None, {"ce": loss, "total": loss}
 
-    cfg = SimpleNamespace(epochs=3, log_every=2, scaled_lr=0.1, schedule="step", lr_warmup_epochs=0.0, warmup_lr=0.0,
-                          milestones=(), lr_decay=0.1, min_lr=0.0, global_batch_size=4, compile=False,
-                          compile_mode="default")
+    env = DistEnv(0, 0, 1, torch.device("cpu"))
+    args = make_parser(TASK).parse_args(["--epochs", "3", "--log-every", "2", "--lr", "0.1", "--lr-reference-batch",
+                                         "4", "--batch-size", "4", "--out", str(tmp_path)])
+    cfg = resolve_config(TASK, args, env)
     loaders = SimpleNamespace(train=synthetic_loader(batch_size=4, image_size=8, num_classes=3, steps=2, device="cpu"))
     run = SimpleNamespace(cfg=cfg, loaders=loaders, mixer=None, out=tmp_path)
-    env = DistEnv(0, 0, 1, torch.device("cpu"))
-    optimizer = torch.optim.SGD([weight], lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    epoch_tensor = torch.zeros(())
+    training = SimpleNamespace(train_forward=forward, optimizer=torch.optim.SGD([weight], lr=0.1),
+                               scaler=torch.amp.GradScaler("cpu", enabled=False), autocast=contextlib.nullcontext,
+                               epoch_tensor=torch.zeros(()))
     for epoch in range(3):
-        train_one_epoch(epoch, run, env, forward, optimizer, scaler, contextlib.nullcontext, epoch_tensor)
+        train_epoch(epoch, run, env, training)
     assert seen == [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]
 
 

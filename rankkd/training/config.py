@@ -14,6 +14,7 @@ resuming compares.
 """
 import argparse
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ from rankkd.training.distributed import broadcast_object
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 SECTIONS = ("run", "model", "data", "augment", "optim", "speed", "loss")
 SEED_LIMIT = 2**32  # numpy's generators take seeds below 2^32
+# A method names the base loss, and "+rank" the ranking loss on top: the same names in every trainer and the grid.
+METHOD_NAMES = tuple(name for method in METHODS for name in (method, f"{method}+rank"))
 
 
 def epoch_list(text):
@@ -55,6 +58,7 @@ class Option:
     flag: str | None = None
     group: str = "recipe"  # where --help lists it: "run", "recipe", "loss" or the task's
     command_line: bool = True
+    identity: bool = True  # part of what the experiment is: a resumed run may not change it (see changed_settings)
 
     @property
     def option(self):
@@ -86,44 +90,47 @@ def _options(section, group, *specs):
 
 RUN_OPTIONS = _options(
     "run", "run",
-    ("out", dict(help="output folder (metrics.jsonl, config.json, last.pt, best.pt, TensorBoard events); default: "
+    ("out", dict(identity=False, help="output folder (metrics.jsonl, config.json, last.pt, best.pt, TensorBoard events); default: "
                       "runs/<data>-<student>-<method>-<date-time>")),
-    ("resume", dict(choices=("auto",), help="auto: continue from OUT/last.pt when it exists (without --out: the "
+    ("resume", dict(identity=False, choices=("auto",), help="auto: continue from OUT/last.pt when it exists (without --out: the "
                                             "newest matching folder under runs/), else start there")),
     ("seed", dict(type=int, default=0, low=0, below=SEED_LIMIT,
                   help="seed of the weights, data order and augmentation (default 0)")),
-    ("device", dict(default="auto", choices=("auto", "cuda", "cpu"), help="default: cuda when there is a GPU")),
-    ("deterministic", dict(type=bool, default=False,
+    ("device", dict(identity=False, default="auto", choices=("auto", "cuda", "cpu"), help="default: cuda when there is a GPU")),
+    ("deterministic", dict(identity=False, type=bool, default=False,
                            help="deterministic kernels (slower; exact reruns on one machine)")),
-    ("epochs", dict(type=int, low=1, group="recipe")),
-    ("log_every", dict(type=int, low=1, group="recipe",
+    ("epochs", dict(identity=False, type=int, low=1, group="recipe")),
+    ("log_every", dict(identity=False, type=int, low=1, group="recipe",
                        help="steps between progress updates (each costs one host sync)")),
-    ("world_size", dict(type=int, command_line=False)),
+    ("world_size", dict(identity=False, type=int, command_line=False)),
+    ("allow_changed_settings", dict(identity=False, type=bool, default=False,
+                                    help="with --resume auto: continue a run whose folder holds other experiment "
+                                         "settings (metrics.jsonl records the change)")),
 )
 SPEED_OPTIONS = _options(
     "speed", "run",
     ("precision", dict(default="auto", choices=("auto", "bf16", "fp16", "off"),
                        help="autocast dtype (fp16 adds a GradScaler); auto: bf16 on CUDA, off on the CPU")),
-    ("compile", dict(type=bool, help="torch.compile the student, teacher and loss; default: on for CUDA, off on the "
+    ("compile", dict(identity=False, type=bool, help="torch.compile the student, teacher and loss; default: on for CUDA, off on the "
                                      "CPU")),
-    ("compile_mode", dict(choices=COMPILE_MODES, help="torch.compile mode; reduce-overhead replays CUDA graphs (one "
+    ("compile_mode", dict(identity=False, choices=COMPILE_MODES, help="torch.compile mode; reduce-overhead replays CUDA graphs (one "
                                                       "process only); default: the recipe's")),
-    ("channels_last", dict(type=bool, default=True, help="NHWC memory format (default on)")),
+    ("channels_last", dict(identity=False, type=bool, default=True, help="NHWC memory format (default on)")),
 )
 MODEL_OPTIONS = _options(
     "model", "recipe",
-    ("teacher", dict(help="teacher architecture, or 'none' (with --method ce --rank-weight 0: plain cross-entropy)")),
+    ("teacher", dict(help="teacher architecture, or 'none' (with --method ce: plain cross-entropy)")),
     ("teacher_weights", dict(help="a checkpoint path, or 'random' (untrained: for timing)")),
     ("student", dict(help="student architecture")),
 )
 OPTIM_OPTIONS = _options(
     "optim", "recipe",
-    ("batch_size", dict(type=int, low=1, help="images per process (per GPU) and step")),
+    ("batch_size", dict(identity=False, type=int, low=1, help="images per process (per GPU) and step")),
     ("global_batch_size", dict(type=int, low=1, help="images per step over all processes (sets --batch-size)")),
     ("optimizer", dict(choices=("sgd", "adamw"))),
     ("lr", dict(type=float, above=0, help="peak learning rate at the reference global batch")),
     ("lr_reference_batch", dict(type=int, low=1, help="global batch that --lr is stated for (lr scales linearly)")),
-    ("scaled_lr", dict(type=float, command_line=False)),
+    ("scaled_lr", dict(identity=False, type=float, command_line=False)),
     ("momentum", dict(type=float, low=0, below=1)),
     ("nesterov", dict(type=bool)),
     ("weight_decay", dict(type=float, low=0)),
@@ -136,10 +143,13 @@ OPTIM_OPTIONS = _options(
     ("warmup_lr", dict(type=float, low=0)),
     ("min_lr", dict(type=float, low=0, help="cosine schedule: final learning rate")),
 )
-LOSS_OPTIONS = (Option("loss", "selection", group="loss", help=f"a rankkd.recipes loss recipe: {', '.join(LOSS_RECIPES)}"),
-                ) + _options(
+LOSS_OPTIONS = (
+    Option("loss", "selection", group="loss", help=f"a rankkd.recipes loss recipe: {', '.join(LOSS_RECIPES)}"),
+    Option("method", "selection", group="loss", choices=METHOD_NAMES,
+           help="the distillation loss, and with +rank the Kendall ranking loss on top at gamma = alpha (the CE "
+                "weight; --rank-weight overrides it); ce: cross-entropy alone"),
+) + _options(
     "loss", "loss",
-    ("method", dict(choices=METHODS)),
     ("ce_weight", dict(type=float, low=0, help="alpha")),
     ("kd_weight", dict(type=float, low=0, help="beta: weight of the KD / DKD / DIST term")),
     ("temperature", dict(type=float, above=0)),
@@ -155,7 +165,7 @@ LOSS_OPTIONS = (Option("loss", "selection", group="loss", help=f"a rankkd.recipe
     ("rank_topk", dict(type=int, low=2, help="ranking loss over the teacher's top-K classes only")),
     ("rank_precision", dict(choices=PRECISIONS, help="ranking loss: fast (hardware tanh on GPUs, gradients within "
                                                      "2e-3) or exact (full float32 math)")),
-    ("rank_backend", dict(choices=OP_BACKENDS)),
+    ("rank_backend", dict(identity=False, choices=OP_BACKENDS)),
 )
 SHARED_OPTIONS = RUN_OPTIONS + SPEED_OPTIONS + MODEL_OPTIONS + OPTIM_OPTIONS + LOSS_OPTIONS
 # The options a demo's teacher run takes over from the run that needs it: where and how fast it runs.
@@ -223,16 +233,17 @@ def resolve_config(task, args, env, recipe_name=None):
     values["loss_recipe"] = values["loss"] if isinstance(values.get("loss"), str) else None
     for option in task.options:
         option.check(values.get(option.name))
-    values["loss"] = resolve_loss(values, {name: given[name] for name in given if _section(task, name) == "loss"})
+    loss_overrides = {name: given[name] for name in given if _section(task, name) == "loss"}
+    values["loss"] = resolve_loss(values, loss_overrides, given.get("method"))
     if values["teacher"] == "none":
         values["teacher"] = None
     loss = values["loss"]
     if loss.uses_teacher and values["teacher"] is None:
         raise ValueError(f"method {loss.method!r} with rank_weight {loss.rank_weight} needs a --teacher (a plain "
-                         "cross-entropy run: --teacher none --method ce --rank-weight 0)")
+                         "cross-entropy run: --teacher none --method ce)")
     resolve_for_device(values, env)
     task.check(values, env)
-    values["out"] = run_folder_name(values, task)
+    values["out"] = run_folder_name(values, task, env)
     return freeze(task, recipe_name, values)
 
 
@@ -240,7 +251,12 @@ def _section(task, name):
     return next((option.section for option in task.options if option.name == name), None)
 
 
-def resolve_loss(values, overrides):
+def split_method(method):
+    """("kd", True) for "kd+rank": the base method and whether the ranking loss is on."""
+    return method.removesuffix("+rank"), method.endswith("+rank")
+
+
+def resolve_loss(values, overrides, method=None):
     """The recipe's loss (a LOSS_RECIPES name, a DistillConfig, or None: DistillConfig's defaults) with the command
     line's loss options on top. The options' own ranges were checked already; what is left are rules between
     them."""
@@ -251,6 +267,10 @@ def resolve_loss(values, overrides):
         except ValueError:
             raise ValueError(f"--loss {base!r} is not a loss recipe; known: {', '.join(LOSS_RECIPES)}") from None
     merged = dataclasses.asdict(base or DistillConfig()) | overrides
+    if method is not None:
+        merged["method"], with_rank = split_method(method)
+        if "rank_weight" not in overrides:
+            merged["rank_weight"] = merged["ce_weight"] if with_rank else 0.0
     if merged["rank_weight"] > 0:
         try:
             check_steepness(merged["rank_k"])
@@ -282,17 +302,53 @@ def resolve_for_device(values, env):
         values["compile_mode"] = "default"
 
 
-def run_folder_name(values, task):
-    """--out, or runs/<data>-<student>-<method>[-rank]-<date-time>: with --resume auto the newest such folder that
-    holds a checkpoint. Decided on rank 0 and broadcast, so that every process agrees on one date-time."""
+def run_folder_name(values, task, env):
+    """--out, or runs/<data>-<student>-<method>[-rank]-<date-time>. With --resume auto, the newest such folder whose
+    run has these experiment settings (a run with another seed or loss is another run, never adopted). Decided on
+    rank 0 and broadcast, so that every process agrees on one date-time."""
     if values["out"] is not None:
         return values["out"]
     data = values["data"]
     data_name = data if data in ("demo", "synthetic") else Path(data).name
     loss = values["loss"]
     prefix = f"runs/{data_name}-{values['student']}-{loss.method}{'-rank' if loss.rank_weight else ''}"
-    earlier = sorted(Path().glob(f"{prefix}-*/last.pt")) if values["resume"] else []
-    return broadcast_object(str(earlier[-1].parent) if earlier else f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}")
+    earlier = sorted(Path().glob(f"{prefix}-*/config.json")) if values["resume"] else []
+    requested = settings_of_values(task, values)
+    same = [path.parent for path in earlier if not changed_settings(task, _read_settings(path), requested)]
+    if same:
+        return broadcast_object(str(same[-1]))
+    out = broadcast_object(f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if earlier and env.is_main:
+        print(f"no run under runs/ has these settings (the newest like it: {earlier[-1].parent}): starting a new run "
+              f"in {out}")
+    return out
+
+
+def _read_settings(path):
+    try:
+        return flat_settings(json.loads(Path(path).read_text()))
+    except (OSError, ValueError):
+        return {}  # an unreadable record is no match: the run starts anew instead of adopting it
+
+
+def settings_of_values(task, values):
+    """The flat settings (as flat_settings gives them) of resolved values that are not frozen yet."""
+    flat = {option.name: values[option.name] for option in task.options if option.section in SECTIONS[:-1]}
+    return json.loads(json.dumps(flat | dataclasses.asdict(values["loss"])))
+
+
+def changed_settings(task, saved, requested):
+    """The experiment settings (Option.identity: not the folder, device, speed or length) that differ between two
+    flat settings dicts, as "--option old -> new" texts. A setting one side lacks (a record from an older version)
+    is not compared."""
+    options = {option.name: option for option in task.options}
+    changed = []
+    for name, value in requested.items():
+        option = options.get(name)
+        if (option is None or option.identity) and name in saved and saved[name] != value:
+            flag = option.option if option is not None else f"--{name.replace('_', '-')}"
+            changed.append(f"{flag} {saved[name]} -> {value}")
+    return changed
 
 
 def freeze(task, recipe_name, values):

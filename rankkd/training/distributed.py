@@ -1,6 +1,7 @@
 """Distributed set-up: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (and the rendezvous address); plain `python` is
 one process. The collectives here are no-ops for one process, so the loop calls them unconditionally."""
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -37,7 +38,11 @@ def init_distributed(device="auto"):
 
 
 def cleanup_distributed():
+    """Leave the process group once the objects that hold it (DDP's reducer, kept by reference cycles) are gone: a
+    process group freed later, at interpreter exit, can take gloo's threads down with it ("terminate called without
+    an active exception", SIGABRT)."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -3,6 +3,7 @@ training epoch, evaluation through the task, metrics.jsonl and checkpoints after
 
 train_and_evaluate(run, env) takes a Run (what rankkd.training.run made: settings, folder, loaders, models) and
 returns the summary {"student", "best", "last", "out"}."""
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -12,13 +13,13 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from rankkd.training.checkpoint import (copy_atomically, gather_rng_states, load_checkpoint, save_checkpoint,
-                                        seed_everything, set_rng_state)
+from rankkd.training.checkpoint import (copy_atomically, gather_rng_states, save_checkpoint, seed_everything,
+                                        set_rng_state, write_atomically)
 from rankkd.training.config import record
 from rankkd.training.distributed import all_reduce_sum, average_buffers, barrier
 from rankkd.training.optim import learning_rate, make_optimizer
 from rankkd.training.progress import Progress, format_duration
-from rankkd.training.run_folder import MetricsLog
+from rankkd.training.run_folder import MetricsLog, saved_progress, stop_on_full_disk
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Run:
     student: torch.nn.Module
     teacher: torch.nn.Module | None
     mixer: object = None
+    changed_settings: list = dataclasses.field(default_factory=list)  # experiment settings changed on resuming
 
 
 @dataclass
@@ -57,14 +59,6 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def saved_progress(out):
-    """What a run that stops now leaves behind, in one sentence."""
-    last = Path(out) / "last.pt"
-    if not last.exists():
-        return "no checkpoint had been written yet."
-    return f"{last} holds epoch {load_checkpoint(last)['epoch']}, the last completed one."
-
-
 def train_and_evaluate(run, env):
     """Train run.student for the configured epochs (continuing a resumed run), evaluating and checkpointing after
     every epoch; then give up the run's folder (run.lock). Returns the run's summary."""
@@ -85,13 +79,15 @@ def _run_epochs(run, env):
         return summary | {"best": training.best, "last": training.last_record}
     log = None
     if env.is_main:
-        run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "config.json").write_text(json.dumps(record(cfg), indent=2) + "\n")
-        log = MetricsLog(run.out, resumed_epochs=training.start_epoch)
+        with stop_on_full_disk(run.out):
+            write_atomically(run.out / "config.json", lambda file: file.write(json.dumps(record(cfg), indent=2).encode()))
+            log = MetricsLog(run.out, resumed_epochs=training.start_epoch)
     print0(run_header(run, env))
     run_start = time.perf_counter()
     for epoch in range(training.start_epoch, cfg.run.epochs):
         epoch_record = train_and_evaluate_epoch(epoch, run, env, training)
+        if epoch == training.start_epoch and run.changed_settings:
+            epoch_record["settings_changed"] = run.changed_settings  # where this run's settings changed
         metric = run.task.primary_metric
         is_best = epoch_record[metric] > training.best[metric]
         if is_best:
@@ -150,6 +146,7 @@ def restore(training, run, env):
     training.optimizer.load_state_dict(state["optimizer"])
     training.scaler.load_state_dict(state["scaler"])
     training.start_epoch, training.best, training.last_record = state["epoch"], state["best"], state["last_record"]
+    keep_best_honest(training, run, env)
     if len(state["rng"]) == env.world_size:
         set_rng_state(state["rng"][env.rank])
     else:
@@ -158,6 +155,22 @@ def restore(training, run, env):
         seed_everything(run.cfg.run.seed + 1_000_003 * training.start_epoch + env.rank)
     if env.is_main and training.start_epoch < run.cfg.run.epochs:
         print(f"resuming {run.out} after epoch {training.start_epoch}")
+
+
+def keep_best_honest(training, run, env):
+    """The summary's "best" is the weights in best.pt: a run stopped between writing last.pt and best.pt (a full
+    disk) gets best.pt back when the best epoch is the last one, else stops claiming a best until a new one."""
+    best_file = run.out / "best.pt"
+    if training.best["epoch"] == 0 or best_file.exists():
+        return
+    if training.best["epoch"] == training.start_epoch:
+        if env.is_main:
+            copy_atomically(run.out / "last.pt", best_file)
+        return
+    if env.is_main:
+        print(f"{best_file} is missing: the best epoch ({training.best['epoch']}) is not kept; the best is chosen "
+              "again from the epochs to come")
+    training.best = {run.task.primary_metric: -1.0, "epoch": 0}
 
 
 def train_and_evaluate_epoch(epoch, run, env, training):
@@ -178,13 +191,14 @@ def save_epoch(run, env, training, log, is_best):
     rng = gather_rng_states()  # a collective: every rank takes part
     if not env.is_main:
         return
-    log.write(training.last_record)
-    save_checkpoint({"student": training.student.state_dict(), "optimizer": training.optimizer.state_dict(),
-                     "scaler": training.scaler.state_dict(), "epoch": training.last_record["epoch"],
-                     "best": training.best, "last_record": training.last_record, "config": record(run.cfg),
-                     "rng": rng}, run.out / "last.pt")
-    if is_best:
-        copy_atomically(run.out / "last.pt", run.out / "best.pt")
+    with stop_on_full_disk(run.out):
+        log.write(training.last_record)
+        save_checkpoint({"student": training.student.state_dict(), "optimizer": training.optimizer.state_dict(),
+                         "scaler": training.scaler.state_dict(), "epoch": training.last_record["epoch"],
+                         "best": training.best, "last_record": training.last_record, "config": record(run.cfg),
+                         "rng": rng}, run.out / "last.pt")
+        if is_best:
+            copy_atomically(run.out / "last.pt", run.out / "best.pt")
 
 
 def train_epoch(epoch, run, env, training):

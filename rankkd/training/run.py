@@ -16,8 +16,8 @@ from rankkd.training.checkpoint import seed_everything
 from rankkd.training.config import check_loss_fits, make_parser, resolve_config
 from rankkd.training.data.folder import EXCLUDE_HINT, BadImageError
 from rankkd.training.distributed import cleanup_distributed, init_distributed
-from rankkd.training.loop import NonFiniteLossError, Run, saved_progress, train_and_evaluate
-from rankkd.training.run_folder import open_run_folder
+from rankkd.training.loop import NonFiniteLossError, Run, train_and_evaluate
+from rankkd.training.run_folder import DiskFullError, open_run_folder, saved_progress
 from rankkd.training.teacher_cache import cached_teacher
 
 
@@ -32,13 +32,18 @@ def main(task, argv=None):
         run = prepare_run(task, cfg, env)
     except (ValueError, FileNotFoundError, ImportError, BadImageError) as error:
         stop(f"{script}: error: {error}", 2)
+    except KeyboardInterrupt:
+        stop(f"{script}: interrupted before training started; nothing to continue from.", 130)
     try:
         if cfg.model.teacher is not None and run.teacher is None:
             weights = cached_teacher(task, cfg, env, train)
             run.teacher = task.load_teacher(cfg, weights, run.loaders.num_classes)
         summary = train_and_evaluate(run, env)
-    except NonFiniteLossError as error:
+    except (NonFiniteLossError, DiskFullError) as error:
         stop(f"{script}: error: {error}", 1)
+    except KeyboardInterrupt:
+        stop(f"{script}: interrupted: {saved_progress(cfg.run.out)} Continue with the same command and --out "
+             f"{cfg.run.out} --resume auto.", 130)
     except BadImageError as error:  # met in the training set, mid-epoch
         stop(f"{script}: error: {error}. Stopped: {saved_progress(run.out)} {EXCLUDE_HINT}, then continue with "
              "--resume auto.", 1)
@@ -59,14 +64,14 @@ def prepare_run(task, cfg, env):
     loaders = task.make_data(cfg, env)
     check_loss_fits(cfg.loss, loaders.num_classes, env.device)
     mixer = task.make_mixer(cfg, env, loaders)
-    out, lock, resume_state = open_run_folder(cfg, env)
+    out, lock, resume_state, changed = open_run_folder(task, cfg, env)
     seed_everything(cfg.run.seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
     teacher = None
     if cfg.model.teacher is not None and cfg.model.teacher_weights is not None:
         teacher = task.load_teacher(cfg, cfg.model.teacher_weights, loaders.num_classes)
     student = task.build_student(cfg, loaders.num_classes)
     return Run(task=task, cfg=cfg, out=out, lock=lock, resume_state=resume_state, loaders=loaders, student=student,
-               teacher=teacher, mixer=mixer)
+               teacher=teacher, mixer=mixer, changed_settings=changed)
 
 
 def configure_torch(cfg):
@@ -96,8 +101,9 @@ def print_summary(task, cfg, summary):
         rows.append((cfg.model.teacher, "teacher", *(f"{last[teacher]:.2f}" for _, _, teacher in columns)))
     loss = f"{cfg.loss.method}{' + rank' if cfg.loss.rank_weight else ''}"
     rows.append((cfg.model.student, f"student ({loss}), last", *(f"{last[student]:.2f}" for _, student, _ in columns)))
-    rows.append(("", f"student, best (epoch {best['epoch']})", f"{best[task.primary_metric]:.2f}",
-                 *([""] * (len(columns) - 1))))
+    if best["epoch"]:  # 0: best.pt was lost and no epoch since replaced it (rankkd.training.loop.keep_best_honest)
+        rows.append(("", f"student, best (epoch {best['epoch']})", f"{best[task.primary_metric]:.2f}",
+                     *([""] * (len(columns) - 1))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print(f"\nvalidation results ({summary['out']}):")
     for row in rows:

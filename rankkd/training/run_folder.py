@@ -1,5 +1,7 @@
 """A run's folder: proven writable before any work starts, written by one run at a time (RunLock), and its
 metrics.jsonl."""
+import contextlib
+import errno
 import fcntl
 import importlib.util
 import json
@@ -11,7 +13,7 @@ import time
 from pathlib import Path
 
 from rankkd.training.checkpoint import load_checkpoint, write_atomically
-from rankkd.training.config import flat_settings, record
+from rankkd.training.config import changed_settings, flat_settings, record
 
 def _not_writable(what, folder, error):
     """A ValueError naming `folder` (as `what`, say "--out") and why `error` (an OSError) stopped a write there."""
@@ -131,6 +133,28 @@ class RunLock:
 os.register_at_fork(after_in_child=RunLock._forget_in_forked_child)
 
 
+def read_metrics(path):
+    """The records of a metrics.jsonl (none if it does not exist) and a note when its last line was cut short (a run
+    stopped while writing it; that epoch is not in last.pt either, so it is dropped). Any other unreadable line is a
+    ValueError naming the file and line."""
+    path = Path(path)
+    if not path.exists():
+        return [], None
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                raise ValueError("no epoch")
+        except ValueError:
+            if number == len(lines):
+                return records, f"{path}: dropped its last line, cut short (a run stopped while writing it)"
+            raise ValueError(f"{path} line {number} is not an epoch record: {line[:60]!r}") from None
+        records.append(record)
+    return records, None
+
+
 class MetricsLog:
     """Appends one JSON object per epoch to DIR/metrics.jsonl (and TensorBoard events when tensorboard is
     installed). Opened for a run resumed after `resumed_epochs` epochs, it first drops lines of later epochs,
@@ -138,11 +162,11 @@ class MetricsLog:
 
     def __init__(self, out_dir, resumed_epochs=0):
         self.path = Path(out_dir) / "metrics.jsonl"
-        kept = []
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["epoch"] <= resumed_epochs]
-        write_atomically(self.path, lambda file: file.write("".join(line + "\n" for line in kept).encode()))
+        records, note = read_metrics(self.path)
+        if note:
+            print(note, file=sys.stderr)
+        kept = [json.dumps(record) + "\n" for record in records if record["epoch"] <= resumed_epochs]
+        write_atomically(self.path, lambda file: file.write("".join(kept).encode()))
         self.tensorboard = None
         if importlib.util.find_spec("tensorboard") is not None:
             try:
@@ -168,22 +192,47 @@ class MetricsLog:
             self.tensorboard.close()
 
 
-def open_run_folder(cfg, env):
-    """The run's folder, its lock (rank 0; None elsewhere) and the checkpoint to continue from (None: a fresh start).
-    Never overwrites a run silently, and never shares its folder: a second run on it stops at once."""
+class DiskFullError(RuntimeError):
+    """The disk filled up while a run wrote into its folder."""
+
+
+def saved_progress(out):
+    """What a run that stops now leaves behind, in one sentence."""
+    last = Path(out) / "last.pt"
+    if not last.exists():
+        return "no checkpoint had been written yet."
+    return f"{last} holds epoch {load_checkpoint(last)['epoch']}, the last completed one."
+
+
+@contextlib.contextmanager
+def stop_on_full_disk(out):
+    """Turn a full disk (or quota) while writing into the run's folder into a DiskFullError saying what was kept.
+    Every file is written atomically, so what was there before stays whole."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFullError(f"no space left on the device while writing into {out}: {saved_progress(out)} Free some "
+                            "space, then continue with --resume auto.") from None
+
+
+def open_run_folder(task, cfg, env):
+    """The run's folder, its lock (rank 0; None elsewhere), the checkpoint to continue from (None: a fresh start) and
+    the experiment settings that differ from the checkpoint's (allowed by --allow-changed-settings only). Never
+    overwrites a run silently, and never shares its folder: a second run on it stops at once."""
     out = Path(cfg.run.out)
     lock = RunLock(out, what="--out").acquire() if env.is_main else None  # before anything is written there
     last = out / "last.pt"
     if not last.exists():
-        return out, lock, None
+        return out, lock, None, []
     if not cfg.run.resume:
         raise ValueError(f"{out} already holds a run (last.pt): continue it with --resume auto, or pick another --out")
     state = load_checkpoint(last)
-    saved, requested = flat_settings(state["config"]), flat_settings(record(cfg))
-    if saved["student"] != requested["student"]:
-        raise ValueError(f"{last} holds a {saved['student']} student, not --student {requested['student']}")
-    changed = [f"{key} {saved[key]} -> {value}" for key, value in requested.items()
-               if key in saved and saved[key] != value and key not in ("resume", "out")]
+    changed = changed_settings(task, flat_settings(state["config"]), flat_settings(record(cfg)))
+    if changed and not cfg.run.allow_changed_settings:
+        raise ValueError(f"{out} holds a run with other settings ({'; '.join(changed)}): pick another --out, or "
+                         "continue it anyway with --allow-changed-settings")
     if changed and env.is_main:
-        print(f"resuming with changed settings: {', '.join(changed)}")
-    return out, lock, state
+        print(f"resuming with changed settings: {'; '.join(changed)}")
+    return out, lock, state, changed

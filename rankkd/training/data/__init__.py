@@ -13,6 +13,7 @@ Nothing here imports DALI until a DALI loader is built.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -89,32 +90,53 @@ def _resolve_loader_backend(backend: str) -> str:
     return backend
 
 
-def make_loaders(root: str | os.PathLike, *, batch_size: int, image_size: int = 224, rank: int = 0,
-                 world_size: int = 1, device: torch.device | str = "cpu", seed: int = 0, backend: str = "auto",
-                 num_threads: int = 4, channels_last: bool = True, min_scale: float = 0.08, hflip: bool = True,
-                 val_resize_ratio: float = 256 / 224, decode_device: str = "auto", rand_augment_ops: int = 0,
-                 rand_augment_magnitude: float = 9.0, rand_augment_magnitude_std: float = 0.5,
-                 random_erasing: float = 0.0, repeats: int = 1) -> DataLoaders:
-    """Train and val loaders for this rank over the ImageFolder tree at `root`.
+@dataclass(frozen=True)
+class TrainAugmentation:
+    """How training images are augmented; all of DeiT's augmentations are off by default (DeiT: 2, 9, 0.5, 0.25, 3).
 
-    train: random-resized-crop (area min_scale..1, aspect 3/4..4/3) resized to image_size, random horizontal flip
-    (hflip), normalized. val: shorter side resized to round(image_size * val_resize_ratio), center crop of
-    image_size, normalized. channels_last: images come in torch.channels_last memory format (DALI writes NHWC,
-    viewed as NCHW without a copy); otherwise contiguous NCHW.
-
-    backend: "auto" (DALI if importable, else torchvision), "dali" or "torchvision".
-    decode_device (DALI only): "auto" decodes on the GPU ("mixed") when `device` is CUDA and on the CPU otherwise;
-    "cpu" forces CPU decoding (results are then copied to `device`); "gpu" requires a CUDA `device`.
-    num_threads: DALI's CPU threads, or the torchvision backend's DataLoader worker processes (per loader).
-
-    DeiT's training augmentations, all off by default (DeiT: 2, 9, 0.5, 0.25, 3):
+    min_scale, hflip: random-resized-crop (area min_scale..1, aspect 3/4..4/3) and random horizontal flip.
     rand_augment_ops: RandAugment layers per train image (0: off), at rand_augment_magnitude on timm's 0..10 scale.
         DALI: timm's "rand-m{magnitude}-mstd{magnitude_std}-inc1" (see dali.py for what differs); torchvision:
         transforms.v2.RandAugment(num_ops, magnitude, 101 bins), which has no magnitude noise (magnitude_std unused).
     random_erasing: probability per train image of erasing one random rectangle with N(0, 1) noise, after
         normalization (timm's mode "pixel").
     repeats: repeated augmentation (DeiT's RASampler): every image of an epoch is read `repeats` times, the copies
-        dealt to different ranks; the epoch keeps its length. Validation is unaffected.
+        dealt to different ranks; the epoch keeps its length. Validation is unaffected."""
+    min_scale: float = 0.08
+    hflip: bool = True
+    rand_augment_ops: int = 0
+    rand_augment_magnitude: float = 9.0
+    rand_augment_magnitude_std: float = 0.5
+    random_erasing: float = 0.0
+    repeats: int = 1
+
+    def __post_init__(self):
+        checks = [("min_scale", 0 < self.min_scale <= 1, "in (0, 1]"),
+                  ("rand_augment_ops", self.rand_augment_ops >= 0, ">= 0"),
+                  ("rand_augment_magnitude", 0 <= self.rand_augment_magnitude <= RAND_AUGMENT_MAX_MAGNITUDE,
+                   f"in [0, {RAND_AUGMENT_MAX_MAGNITUDE}]"),
+                  ("rand_augment_magnitude_std", self.rand_augment_magnitude_std >= 0, ">= 0"),
+                  ("random_erasing", 0 <= self.random_erasing <= 1, "in [0, 1]"),
+                  ("repeats", self.repeats >= 1, ">= 1")]
+        for name, ok, requirement in checks:
+            if not ok:
+                raise ValueError(f"TrainAugmentation: {name} must be {requirement}, got {getattr(self, name)!r}")
+
+
+def make_loaders(root: str | os.PathLike, *, batch_size: int, image_size: int = 224, rank: int = 0,
+                 world_size: int = 1, device: torch.device | str = "cpu", seed: int = 0, backend: str = "auto",
+                 num_threads: int = 4, channels_last: bool = True, val_resize_ratio: float = 256 / 224,
+                 decode_device: str = "auto", augment: TrainAugmentation = TrainAugmentation()) -> DataLoaders:
+    """Train and val loaders for this rank over the ImageFolder tree at `root`.
+
+    train: augmented as `augment` says, resized to image_size, normalized. val: shorter side resized to
+    round(image_size * val_resize_ratio), center crop of image_size, normalized. channels_last: images come in
+    torch.channels_last memory format (DALI writes NHWC, viewed as NCHW without a copy); otherwise contiguous NCHW.
+
+    backend: "auto" (DALI if importable, else torchvision), "dali" or "torchvision".
+    decode_device (DALI only): "auto" decodes on the GPU ("mixed") when `device` is CUDA and on the CPU otherwise;
+    "cpu" forces CPU decoding (results are then copied to `device`); "gpu" requires a CUDA `device`.
+    num_threads: DALI's CPU threads, or the torchvision backend's DataLoader worker processes (per loader).
 
     The tree is checked up front: a missing train/ or val/, a class folder without images, or class folders that
     differ between train/ and val/ raise an error naming the path. A file that does not decode raises
@@ -124,14 +146,7 @@ def make_loaders(root: str | os.PathLike, *, batch_size: int, image_size: int = 
               ("world_size", world_size, world_size >= 1, ">= 1"),
               ("rank", rank, 0 <= rank < world_size, f"in [0, world_size={world_size})"),
               ("seed", seed, seed >= 0, ">= 0"), ("num_threads", num_threads, num_threads >= 1, ">= 1"),
-              ("min_scale", min_scale, 0 < min_scale <= 1, "in (0, 1]"),
-              ("val_resize_ratio", val_resize_ratio, val_resize_ratio >= 1, ">= 1"),
-              ("rand_augment_ops", rand_augment_ops, rand_augment_ops >= 0, ">= 0"),
-              ("rand_augment_magnitude", rand_augment_magnitude,
-               0 <= rand_augment_magnitude <= RAND_AUGMENT_MAX_MAGNITUDE, f"in [0, {RAND_AUGMENT_MAX_MAGNITUDE}]"),
-              ("rand_augment_magnitude_std", rand_augment_magnitude_std, rand_augment_magnitude_std >= 0, ">= 0"),
-              ("random_erasing", random_erasing, 0 <= random_erasing <= 1, "in [0, 1]"),
-              ("repeats", repeats, repeats >= 1, ">= 1")]
+              ("val_resize_ratio", val_resize_ratio, val_resize_ratio >= 1, ">= 1")]
     for name, value, ok, requirement in checks:
         if not ok:
             raise ValueError(f"make_loaders: {name} must be {requirement}, got {value!r}")
@@ -146,8 +161,8 @@ def make_loaders(root: str | os.PathLike, *, batch_size: int, image_size: int = 
     resize_shorter = round(image_size * val_resize_ratio)
     common = {"batch_size": batch_size, "image_size": image_size, "rank": rank, "world_size": world_size,
               "device": device, "channels_last": channels_last}
-    augment = {"min_scale": min_scale, "hflip": hflip, "rand_augment_ops": rand_augment_ops,
-               "rand_augment_magnitude": rand_augment_magnitude, "random_erasing": random_erasing, "repeats": repeats}
+    augment = dataclasses.asdict(augment)
+    magnitude_std = augment.pop("rand_augment_magnitude_std")
 
     if backend == "dali":
         from rankkd.training.data.dali import DaliTrainLoader, DaliValLoader
@@ -156,7 +171,7 @@ def make_loaders(root: str | os.PathLike, *, batch_size: int, image_size: int = 
             raise ValueError(f"decode_device='gpu' needs a CUDA device, got device={device}")
         decode_on_gpu = device.type == "cuda" and decode_device != "cpu"
         train = DaliTrainLoader(listing.train, seed=seed, num_threads=num_threads, decode_on_gpu=decode_on_gpu,
-                                rand_augment_magnitude_std=rand_augment_magnitude_std, **augment, **common)
+                                rand_augment_magnitude_std=magnitude_std, **augment, **common)
         val = DaliValLoader(listing.val, resize_shorter=resize_shorter, num_threads=num_threads,
                             decode_on_gpu=decode_on_gpu, **common)
     else:
@@ -181,4 +196,4 @@ def synthetic_loader(*, batch_size: int, image_size: int, num_classes: int, step
 
 
 __all__ = ["LOADER_BACKENDS", "DEMO_IMAGE_SIZE", "DEMO_NUM_CLASSES", "BadImageError", "BatchLoader", "DataLoaders",
-           "ImageFolderError", "make_loaders", "prepare_demo", "synthetic_loader"]
+           "ImageFolderError", "TrainAugmentation", "make_loaders", "prepare_demo", "synthetic_loader"]

@@ -2,8 +2,8 @@
 
     python train/cifar100.py                       # the demo: handwritten digits at 32x32 through the same path
     python train/cifar100.py --data /data/cifar-100-python --pair res32x4_res8x4 \\
-        --teacher-weights cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth       # KD + ranking loss
-    python train/cifar100.py ... --method dkd      # DKD + ranking loss; --rank-weight 0 for the baseline
+        --teacher-weights cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth       # KD + ranking loss (kd+rank)
+    python train/cifar100.py ... --method dkd+rank # DKD + ranking loss; --method dkd for the baseline
     python train/cifar100.py --data synthetic --pair res32x4_res8x4 --epochs 2       # on a GPU: the step's speed
 
 The models are megvii-research/mdistiller's CIFAR zoo (rankkd.models.cifar: same names, same state_dict keys), so
@@ -18,7 +18,7 @@ from pathlib import Path
 from rankkd import recipes
 from rankkd.distill import DistillConfig
 from rankkd.recipes import CIFAR100_PAIRS
-from rankkd.training.config import Option
+from rankkd.training.config import Option, split_method
 from rankkd.training.data.cifar import demo_arrays, load_cifar100, make_device_loaders, synthetic_arrays
 from rankkd.training.data.demo import default_cache_dir
 from rankkd.training.run_folder import check_writable
@@ -79,10 +79,11 @@ class Cifar100Task(ClassificationTask):
         pair = args.pair or recipe["pair"]
         if pair is not None:
             teacher, student = CIFAR100_PAIRS[pair]
-            method = args.method or "kd"
-            # The pair's published loss for the method, with the ranking loss at gamma = alpha (--rank-weight 0: off).
-            loss = (DistillConfig(method="ce", rank_weight=1.0) if method == "ce"
-                    else recipes.cifar100_recipe_name(pair, method, standardize=bool(args.standardize), rank=True))
+            method, with_rank = split_method(args.method or "kd+rank")
+            # The pair's published loss for the method, with the ranking loss at gamma = alpha for method+rank.
+            loss = (DistillConfig(method="ce", rank_weight=1.0 if with_rank else 0.0) if method == "ce"
+                    else recipes.cifar100_recipe_name(pair, method, standardize=bool(args.standardize),
+                                                      rank=with_rank))
             small_lr = (args.student or student) in SMALL_LR_STUDENTS
             recipe.update(pair=pair, teacher=teacher, student=student, lr=0.01 if small_lr else recipe["lr"],
                           loss=loss)

@@ -23,7 +23,7 @@ import torch
 from rankkd import models
 from rankkd.distill import DistillConfig
 from rankkd.training.config import Option
-from rankkd.training.data import make_loaders, prepare_demo, synthetic_loader
+from rankkd.training.data import TrainAugmentation, make_loaders, prepare_demo, synthetic_loader
 from rankkd.training.data.dali import RAND_AUGMENT_MAX_MAGNITUDE
 from rankkd.training.data.demo import default_cache_dir
 from rankkd.training.data.folder import BadImageError, check_images, list_image_folder
@@ -179,13 +179,15 @@ class ImageNetTask(ClassificationTask):
         else:
             root = data.data
             check_validation_images(root, env)
+        augmentation = TrainAugmentation(
+            min_scale=augment.min_scale, hflip=augment.hflip, rand_augment_ops=augment.rand_augment_ops,
+            rand_augment_magnitude=augment.rand_augment_magnitude, random_erasing=augment.random_erasing,
+            repeats=augment.repeated_aug)
         return make_loaders(root, batch_size=cfg.optim.batch_size, image_size=data.image_size, rank=env.rank,
                             world_size=env.world_size, device=env.device, seed=cfg.run.seed,
                             backend=data.data_backend, num_threads=data.workers,
-                            channels_last=cfg.speed.channels_last, min_scale=augment.min_scale, hflip=augment.hflip,
-                            val_resize_ratio=data.val_resize_ratio, rand_augment_ops=augment.rand_augment_ops,
-                            rand_augment_magnitude=augment.rand_augment_magnitude,
-                            random_erasing=augment.random_erasing, repeats=augment.repeated_aug)
+                            channels_last=cfg.speed.channels_last, val_resize_ratio=data.val_resize_ratio,
+                            augment=augmentation)
 
     def make_mixer(self, cfg, env, data):
         augment = cfg.augment

@@ -1,0 +1,129 @@
+"""rankkd.training.run: the run skeleton every task shares, called in-process on a tiny CIFAR-format folder. A run is
+identified by its settings, refuses to mix another experiment into its folder, survives a full disk and a cut-short
+metrics line, and ends on Ctrl-C with one line saying how to continue."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_cifar100
+
+from rankkd.training import loop
+from rankkd.training.run import main
+from rankkd.training.tasks.cifar100 import TASK
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--teacher", "resnet8", "--teacher-weights", "random", "--student", "resnet8", "--batch-size", "64",
+        "--log-every", "2", "--epochs", "2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return str(write_cifar100(tmp_path_factory.mktemp("data"), num_train=128, num_test=64))
+
+
+def run(data, *argv):
+    return main(TASK, ["--data", data, *TINY, *argv])
+
+
+def records(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def refused(capsys, *argv):
+    with pytest.raises(SystemExit) as stopped:
+        main(TASK, list(argv))
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2 and "Traceback" not in error, error
+    return error
+
+
+def test_resume_auto_without_out_continues_only_the_same_experiment(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run(data, "--epochs", "1")
+    (first,) = Path("runs").iterdir()
+    time.sleep(1.1)  # folder names hold the second
+    run(data, "--epochs", "1", "--seed", "1", "--resume", "auto")  # another seed: another run, in a new folder
+    assert "no run under runs/ has these settings" in capsys.readouterr().out
+    assert len(list(Path("runs").iterdir())) == 2 and len(records(first)) == 1
+    run(data, "--epochs", "2", "--resume", "auto")  # the seed-0 run, continued
+    assert [record["epoch"] for record in records(first)] == [1, 2]
+
+
+def test_a_changed_experiment_is_refused_unless_allowed_and_then_recorded(data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    run(data, "--epochs", "1", "--out", out)
+    error = refused(capsys, "--data", data, *TINY, "--out", out, "--resume", "auto", "--method", "dkd+rank")
+    # The pair's DKD recipe differs in its weights too: each changed option is named.
+    assert "holds a run with other settings (" in error and "--allow-changed-settings" in error
+    assert "--method kd -> dkd" in error and "--ce-weight 0.1 -> 1.0" in error
+    assert len(records(out)) == 1
+    run(data, "--out", out, "--resume", "auto", "--method", "dkd+rank", "--allow-changed-settings")
+    second = records(out)[1]
+    assert "--method kd -> dkd" in second["settings_changed"] and "loss_dkd" in second
+
+
+def test_a_full_disk_stops_with_one_line_and_best_agrees_after_resuming(data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real_copy = loop.copy_atomically
+
+    def disk_full_at_best(source, destination):
+        raise OSError(errno.ENOSPC, "No space left on device", str(destination))
+
+    monkeypatch.setattr(loop, "copy_atomically", disk_full_at_best)
+    with pytest.raises(SystemExit) as stopped:
+        run(data, "--epochs", "1", "--out", str(out))
+    error = capsys.readouterr().err
+    assert stopped.value.code == 1 and "Traceback" not in error
+    assert f"no space left on the device while writing into {out}: {out / 'last.pt'} holds epoch 1" in error
+    assert not (out / "best.pt").exists()
+    monkeypatch.setattr(loop, "copy_atomically", real_copy)
+    summary = run(data, "--epochs", "1", "--out", str(out), "--resume", "auto")  # nothing to train, best.pt back
+    assert summary["best"]["epoch"] == 1
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["epoch"] == 1 and best["best"] == summary["best"]
+
+
+def test_a_lost_best_of_an_earlier_epoch_is_not_claimed(data, tmp_path):
+    out = tmp_path / "run"
+    run(data, "--epochs", "1", "--out", str(out))
+    state = torch.load(out / "last.pt", weights_only=True)
+    state["best"] = {"val_top1": 99.0, "epoch": 0 + 1}
+    state["epoch"] = 2  # as if epoch 2 were trained without beating epoch 1, whose best.pt is lost
+    torch.save(state, out / "last.pt")
+    (out / "best.pt").unlink()
+    summary = run(data, "--epochs", "3", "--out", str(out), "--resume", "auto")
+    assert summary["best"]["epoch"] == 3 and (out / "best.pt").exists()
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == 3
+
+
+def test_a_cut_short_last_metrics_line_is_dropped_with_a_note(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(data, "--epochs", "1", "--out", str(out))
+    with open(out / "metrics.jsonl", "a") as file:
+        file.write('{"epoch": 2, "val_to')  # a crash between write and flush
+    capsys.readouterr()
+    run(data, "--out", str(out), "--resume", "auto")
+    assert "dropped its last line, cut short" in capsys.readouterr().err
+    assert [record["epoch"] for record in records(out)] == [1, 2]
+
+
+def test_ctrl_c_ends_with_one_line_and_exit_130(data, tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, str(REPO / "train" / "cifar100.py"), "--data", data, *TINY,
+                                "--epochs", "50", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "last.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, error = process.communicate(timeout=120)
+    assert process.returncode == 130, error
+    assert "Traceback" not in error and "cifar100.py: interrupted:" in error and "--resume auto" in error, error
+    assert len(error.strip().splitlines()) == 1, error
