@@ -236,7 +236,8 @@ def test_demo_grid(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing teachers", "unknown pair", "unknown method", "k without rank",
                                   "trainer option", "cell option", "no teachers", "topk over classes", "other data",
-                                  "other options", "demo with teachers", "topk 1", "negative seed"])
+                                  "other options", "demo with teachers", "topk 1", "negative seed", "spaced pairs",
+                                  "tiny k", "shorter run"])
 def test_bad_settings_are_refused_before_any_run(data, teachers, tmp_path, case):
     out = tmp_path / "table"
     args = {
@@ -261,17 +262,25 @@ def test_bad_settings_are_refused_before_any_run(data, teachers, tmp_path, case)
         "topk 1": (["--teachers", teachers, "--methods", "kd+rank", "--rank-topk", "all,1"],
                    "argument --rank-topk: expected comma-separated class counts >= 2 or 'all', got 'all,1'"),
         "negative seed": (["--teachers", teachers, "--seeds", "0,-1"], "--seeds must be >= 0, got 0,-1"),
+        "spaced pairs": (["--teachers", teachers, "--pairs", "res56_res20, res9_res1"], "--pairs: unknown res9_res1 "),
+        "tiny k": (["--teachers", teachers, "--pairs", "res56_res20", "--methods", "kd+rank", "--rank-k", "1e-300"],
+                   "--rank-k must be a finite number in [2^-126, 3.4e38]"),
+        "shorter run": (["--teachers", teachers, "--pairs", "res56_res20", "--methods", "kd", "--epochs", "2"],
+                        "holds cells that finished longer runs than --epochs 2: res56_res20 kd seed 0 (3 epochs)"),
     }
     extra, message = args[case]
     if case == "missing teachers":
         (tmp_path / "few" / "resnet56_vanilla").mkdir(parents=True)
         (tmp_path / "few" / "resnet56_vanilla" / "ckpt_epoch_240.pth").write_bytes(
             (teachers / "resnet56_vanilla" / "ckpt_epoch_240.pth").read_bytes())
-    if case in ("other data", "other options"):
+    if case in ("other data", "other options", "shorter run"):
         out.mkdir()
         (out / "grid.json").write_text(json.dumps({
             "data": "/elsewhere/cifar-100-python" if case == "other data" else str(data.resolve()),
-            "trainer_args": ["--batch-size", "16"], "published_baselines": True}))
+            "trainer_args": [] if case == "shorter run" else ["--batch-size", "16"], "published_baselines": True}))
+    if case == "shorter run":  # a finished 3-epoch cell: a 2-epoch table would show it as if asked for
+        (out / "res56_res20" / "kd" / "seed0").mkdir(parents=True)
+        (out / "res56_res20" / "kd" / "seed0" / "done.json").write_text(json.dumps({"epochs": 3, "time": 0.0}))
     result = run_grid("--data", "demo" if case == "demo with teachers" else data, "--out", out, *extra)
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr, result.stderr
@@ -280,8 +289,8 @@ def test_bad_settings_are_refused_before_any_run(data, teachers, tmp_path, case)
             assert str(tmp_path / "few" / f"{name}_vanilla" / "ckpt_epoch_240.pth") in result.stderr
         assert "resnet56_vanilla" not in result.stderr
     assert "Traceback" not in result.stderr
-    if case in ("other data", "other options"):
-        assert sorted(path.name for path in out.iterdir()) == ["grid.json"]
+    if case in ("other data", "other options", "shorter run"):
+        assert "grid.json" in [path.name for path in out.iterdir()] and not list(out.glob("**/cell.json"))
     else:
         assert not out.exists()
 
@@ -375,3 +384,31 @@ def test_slots_follow_the_visible_gpus_and_runs_leave_the_launchers_variables(mo
     assert env["CUDA_VISIBLE_DEVICES"] == "5" and env["OMP_NUM_THREADS"] == str(placement.threads)
     assert not set(torchrun) - {"OMP_NUM_THREADS"} & set(env)
     assert scheduler.find_slots("cpu", None).slots == [None]
+
+
+def test_a_cell_whose_files_cannot_be_read_fails_alone(tmp_path):
+    # A metrics.jsonl damaged in the middle (not just a cut-short last line) fails its cell with a reason; the runner
+    # goes on, and the table leaves the cell out instead of stopping.
+    from rankkd.training.grid.cells import Cell
+    from rankkd.training.grid.report import finished_cells
+    from rankkd.training.grid.scheduler import Placement, Runner, RunningCell
+    from rankkd.training.run_folder import RunLock
+
+    broken, cut_short = Cell("res56_res20", "kd", 0), Cell("res56_res20", "kd", 1)
+    for cell in (broken, cut_short):
+        write_cell(tmp_path, cell, [50.0, 60.0], [0.5, 0.6], finished=False)
+        (tmp_path / cell.folder / "train.log").write_text("epoch 2/2: ...\n")
+    lines = (tmp_path / broken.folder / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / broken.folder / "metrics.jsonl").write_text(f"{lines[0][:10]}\n{lines[1]}\n")
+    with open(tmp_path / cut_short.folder / "metrics.jsonl", "a") as file:
+        file.write('{"epoch": 3, "val_')
+    placement = Placement(rank=0, world_size=1, slots=[None], threads=1)
+    runner = Runner(tmp_path, {broken: [], cut_short: []}, {broken: 2, cut_short: 2}, placement,
+                    on_cell_done=lambda progress: None)
+    for cell in (broken, cut_short):
+        claim = RunLock(tmp_path / cell.folder, name=".claim").acquire()
+        runner.finish(RunningCell(cell, subprocess.Popen(["true"]), claim, 0.0), 0)
+    failed = json.loads((tmp_path / broken.folder / "failed.json").read_text())
+    assert "can't be read" in failed["reason"] and "line 1" in failed["reason"]
+    assert json.loads((tmp_path / cut_short.folder / "done.json").read_text())["epochs"] == 2
+    assert [cell for cell, _ in finished_cells(tmp_path)] == [cut_short]

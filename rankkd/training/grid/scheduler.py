@@ -132,9 +132,9 @@ def mark_done(folder, epochs):
     (folder / "failed.json").unlink(missing_ok=True)
 
 
-def mark_failed(folder, exit_code):
-    """Record the failure with the log's last line (the trainer's one-line error), which is returned."""
-    reason = last_log_line(folder / "train.log")
+def mark_failed(folder, exit_code, reason=None):
+    """Record the failure with `reason`, by default the log's last line (the trainer's one-line error); returns it."""
+    reason = reason or last_log_line(folder / "train.log")
     write_json(folder / "failed.json", {"exit": exit_code, "time": time.time(), "reason": reason})
     return reason
 
@@ -265,14 +265,15 @@ class Runner:
     def finish(self, running, code):
         """Mark an ended run's cell done or failed and release it."""
         cell, folder = running.cell, self.folder(running.cell)
+        reason = None
         try:
             records, _ = read_metrics_file(folder / "metrics.jsonl")
-        except (OSError, ValueError) as error:
-            records, code = [], f"{code}, its metrics.jsonl unreadable: {error}"
+        except (OSError, ValueError) as error:  # one cell's damaged files fail that cell, never the grid
+            records, reason = [], f"its files can't be read: {error}"
         if code == 0 and (not records or records[-1]["epoch"] < self.epochs[cell]):
             code = "0, short of its epochs"  # cannot happen with train/cifar100.py as it is; never call it done
         if code != 0:
-            reason = mark_failed(folder, code)
+            reason = mark_failed(folder, code, reason)
             running.claim.release()
             self.say(f"FAILED {cell} (exit {code}): {reason} (log: {folder / 'train.log'})")
             return
