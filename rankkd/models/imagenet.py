@@ -1,5 +1,6 @@
-"""The ImageNet zoo: students and teachers by name: torchvision classifiers, DeiT-style ViTs from timm (when installed), and a small CNN
-pair for the 32x32 demo set; teacher weights from a torchvision weights name or a checkpoint file.
+"""The ImageNet zoo: students and teachers by name: torchvision classifiers, DeiT-style ViTs from timm (when
+installed), mdistiller's MobileNetV1 and a small CNN pair for the 32x32 demo set; teacher weights from a torchvision
+weights name or a checkpoint file.
 
 Every check that can fail (unknown name, missing or unreadable file, class-count mismatch) raises a ValueError that
 says what to change, so a trainer can run them all before it starts any work."""

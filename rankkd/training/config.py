@@ -88,15 +88,18 @@ def _options(section, group, *specs):
     return tuple(Option(name, section, **({"group": group} | spec)) for name, spec in specs)
 
 
+# identity=False: not part of what the experiment is (where, how fast, how long, how it logs); see changed_settings.
 RUN_OPTIONS = _options(
     "run", "run",
-    ("out", dict(identity=False, help="output folder (metrics.jsonl, config.json, last.pt, best.pt, TensorBoard events); default: "
-                      "runs/<data>-<student>-<method>-<date-time>")),
-    ("resume", dict(identity=False, choices=("auto",), help="auto: continue from OUT/last.pt when it exists (without --out: the "
-                                            "newest matching folder under runs/), else start there")),
+    ("out", dict(identity=False, help="output folder (metrics.jsonl, config.json, last.pt, best.pt, TensorBoard "
+                                      "events); default: runs/<data>-<student>-<method>-<date-time>")),
+    ("resume", dict(identity=False, choices=("auto",),
+                    help="auto: continue from OUT/last.pt when it exists (without --out: the newest folder under "
+                         "runs/ with the same experiment settings), else start there")),
     ("seed", dict(type=int, default=0, low=0, below=SEED_LIMIT,
                   help="seed of the weights, data order and augmentation (default 0)")),
-    ("device", dict(identity=False, default="auto", choices=("auto", "cuda", "cpu"), help="default: cuda when there is a GPU")),
+    ("device", dict(identity=False, default="auto", choices=("auto", "cuda", "cpu"),
+                    help="default: cuda when there is a GPU")),
     ("deterministic", dict(identity=False, type=bool, default=False,
                            help="deterministic kernels (slower; exact reruns on one machine)")),
     ("epochs", dict(identity=False, type=int, low=1, group="recipe")),
@@ -111,10 +114,11 @@ SPEED_OPTIONS = _options(
     "speed", "run",
     ("precision", dict(default="auto", choices=("auto", "bf16", "fp16", "off"),
                        help="autocast dtype (fp16 adds a GradScaler); auto: bf16 on CUDA, off on the CPU")),
-    ("compile", dict(identity=False, type=bool, help="torch.compile the student, teacher and loss; default: on for CUDA, off on the "
-                                     "CPU")),
-    ("compile_mode", dict(identity=False, choices=COMPILE_MODES, help="torch.compile mode; reduce-overhead replays CUDA graphs (one "
-                                                      "process only); default: the recipe's")),
+    ("compile", dict(identity=False, type=bool,
+                     help="torch.compile the student, teacher and loss; default: on for CUDA, off on the CPU")),
+    ("compile_mode", dict(identity=False, choices=COMPILE_MODES,
+                          help="torch.compile mode; reduce-overhead replays CUDA graphs (one process only); default: "
+                               "the recipe's")),
     ("channels_last", dict(identity=False, type=bool, default=True, help="NHWC memory format (default on)")),
 )
 MODEL_OPTIONS = _options(
@@ -210,12 +214,10 @@ def make_parser(task):
         if option.group not in groups:
             groups[option.group] = parser.add_argument_group(GROUP_TITLES.get(option.group, option.group))
         kwargs = dict(default=option.default, help=option.help or None, dest=option.name)
-        if option.type is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+        if option.type is bool:  # off unless given: a plain switch; else --x / --no-x
+            kwargs["action"] = "store_true" if option.default is False else argparse.BooleanOptionalAction
         else:
             kwargs.update(type=option.type if option.type is not str else None, choices=option.choices)
-        if option.name == "deterministic":
-            kwargs = dict(action="store_true", help=option.help, dest=option.name)
         groups[option.group].add_argument(option.option, **kwargs)
     return parser
 
@@ -275,7 +277,8 @@ def resolve_loss(values, overrides, method=None):
         try:
             check_steepness(merged["rank_k"])
         except ValueError:
-            raise ValueError(K_RULE.replace("k (the tanh steepness)", "--rank-k") + f", got {merged['rank_k']:g}") from None
+            rule = K_RULE.replace("k (the tanh steepness)", "--rank-k")
+            raise ValueError(f"{rule}, got {merged['rank_k']:g}") from None
     if merged["standardize"] and merged["method"] not in ("kd", "dkd"):
         raise ValueError(f"--standardize applies to --method kd and dkd, not {merged['method']!r}")
     return DistillConfig(**merged)

@@ -80,7 +80,8 @@ def _run_epochs(run, env):
     log = None
     if env.is_main:
         with stop_on_full_disk(run.out):
-            write_atomically(run.out / "config.json", lambda file: file.write(json.dumps(record(cfg), indent=2).encode()))
+            settings = json.dumps(record(cfg), indent=2).encode()
+            write_atomically(run.out / "config.json", lambda file: file.write(settings))
             log = MetricsLog(run.out, resumed_epochs=training.start_epoch)
     print0(run_header(run, env))
     run_start = time.perf_counter()

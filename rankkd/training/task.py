@@ -52,5 +52,5 @@ class ClassificationTask:
         return Distiller(student, teacher if cfg.loss.uses_teacher else None, cfg.loss)
 
     def evaluate(self, student, teacher, loader, autocast, env, cfg):
-        return evaluate_classifier(student, teacher, loader, autocast, env,
-                                   replays_cuda_graphs=cfg.speed.compile and cfg.speed.compile_mode == "reduce-overhead")
+        graphs = cfg.speed.compile and cfg.speed.compile_mode == "reduce-overhead"
+        return evaluate_classifier(student, teacher, loader, autocast, env, replays_cuda_graphs=graphs)
