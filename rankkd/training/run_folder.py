@@ -53,13 +53,13 @@ class RunLock:
     Take it (`with RunLock(folder): ...`, or acquire()/release()) before writing anything into the folder; it creates
     the folder when missing. When another process holds the lock, wait=False raises a FolderInUseError at once,
     naming the folder and that process; wait=True (a cache that runs share) says once whom it waits for, then blocks
-    until that process is done. Within one process the lock nests: taking it again while held is a no-op (the demo
-    teacher is trained under its cache folder's lock by a run that locks the same folder). A forked child (a loader
+    until that process is done. A forked child (a loader
     worker) closes its copies of the descriptors at once, so the lock goes with the process that took it, even when a
     worker outlives it for a while. `what` names the folder in messages ("--out", "cache"); `name` is the lock file's
-    name, for a second lock on one folder (the grid runner's claim on a cell, beside the trainer's own lock)."""
+    name, for a second lock on one folder (the grid runner's claim on a cell beside its run's lock; a demo teacher's
+    cache entry beside the lock of the run that trains it there)."""
 
-    _held = {}  # lock file's real path -> [file descriptor, nesting depth], for this process
+    _held = {}  # lock file's real path -> file descriptor, for this process
     file_name = ".lock"
 
     def __init__(self, folder, *, wait=False, what="folder", name=file_name):
@@ -70,9 +70,6 @@ class RunLock:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._key = os.path.realpath(self.folder / self.file_name)
-            if self._key in RunLock._held:
-                RunLock._held[self._key][1] += 1
-                return self
             descriptor = os.open(self._key, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:
             raise _not_writable(self.what, self.folder, error) from None
@@ -93,20 +90,17 @@ class RunLock:
         except BaseException:  # the refusal, an interrupted wait: the descriptor must not outlive them
             os.close(descriptor)
             raise
-        RunLock._held[self._key] = [descriptor, 1]
+        RunLock._held[self._key] = descriptor
         return self
 
     def release(self):
-        held = RunLock._held[self._key]
-        held[1] -= 1
-        if held[1] == 0:
-            del RunLock._held[self._key]
-            os.ftruncate(held[0], 0)  # no claim left behind for the next process to misread as its holder's
-            os.close(held[0])  # closing the last descriptor drops the flock
+        descriptor = RunLock._held.pop(self._key)
+        os.ftruncate(descriptor, 0)  # no claim left behind for the next process to misread as its holder's
+        os.close(descriptor)  # closing the last descriptor drops the flock
 
     @staticmethod
     def _forget_in_forked_child():
-        for descriptor, _depth in RunLock._held.values():
+        for descriptor in RunLock._held.values():
             os.close(descriptor)  # the parent's descriptor, and with it the lock, stays open
         RunLock._held.clear()
 

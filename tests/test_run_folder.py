@@ -1,0 +1,159 @@
+"""rankkd.training.run_folder: run-folder locks between real processes and writable-folder checks, before any work."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import lock_is_free
+
+from rankkd.training import run_folder
+from rankkd.training.run_folder import FolderInUseError, RunLock, check_writable
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Run lock: the second of two real processes on one folder stops at once; a killed holder leaves no stale lock.
+
+HOLD = """
+import sys, time
+from rankkd.training.run_folder import RunLock
+RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+TAKE = """
+import sys
+from rankkd.training.run_folder import FolderInUseError, RunLock
+try:
+    RunLock(sys.argv[1], wait=sys.argv[2] == "wait", what="--out").acquire()
+except FolderInUseError as error:
+    print(error, file=sys.stderr)
+    sys.exit(3)
+print("acquired", flush=True)
+"""
+
+
+def _python(script, *args, **popen):
+    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], cwd=REPO, text=True, **popen)
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """A process holding the lock of tmp_path/run, killed (SIGKILL) by the test or at the end."""
+    process = _python(HOLD, tmp_path / "run", stdout=subprocess.PIPE)
+    assert process.stdout.readline() == "locked\n"
+    yield process
+    process.kill()
+    process.wait()
+
+
+def test_second_run_on_a_folder_stops_naming_the_holder_and_a_killed_holder_frees_it(tmp_path, holder):
+    folder = tmp_path / "run"
+    second = _python(TAKE, folder, "fail", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 3 and out == ""
+    assert f"--out {folder} is in use by process {holder.pid} on {socket.gethostname()}" in err
+    assert not lock_is_free(folder)
+    with pytest.raises(FolderInUseError, match=f"process {holder.pid} "):
+        RunLock(folder).acquire()
+
+    holder.kill()
+    assert holder.wait() == -9
+    assert lock_is_free(folder)
+    with RunLock(folder):
+        assert f'"pid": {os.getpid()},' in (folder / RunLock.file_name).read_text()
+        assert not lock_is_free(folder)
+    assert lock_is_free(folder) and (folder / RunLock.file_name).read_text() == ""
+
+
+def test_waiting_lock_says_whom_it_waits_for_then_takes_over(tmp_path, holder):
+    waiter = _python(TAKE, tmp_path / "run", "wait", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    waiting = next((line for line in waiter.stderr if "waiting" in line), "")  # read up to the notice
+    assert f"{tmp_path / 'run'} is in use by process {holder.pid}" in waiting
+    assert waiter.poll() is None  # still blocked: the holder is alive
+    holder.kill()
+    out, err = waiter.communicate(timeout=120)
+    assert (waiter.returncode, out) == (0, "acquired\n") and "waiting" not in err  # said once
+
+
+HOLD_WITH_CHILD = """
+import os, sys, time
+from rankkd.training.run_folder import RunLock
+RunLock(sys.argv[1], what="--out").acquire()
+if os.fork() == 0:  # a loader worker that outlives its parent for a while
+    time.sleep(60)
+    os._exit(0)
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
+    folder = tmp_path / "run"
+    parent = _python(HOLD_WITH_CHILD, folder, stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert parent.stdout.readline() == "locked\n"
+        assert not lock_is_free(folder)
+        parent.kill()  # the child lives on
+        assert parent.wait() == -9
+        assert lock_is_free(folder)
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+
+
+def test_locks_of_other_names_on_one_folder_are_independent_and_create_it(tmp_path):
+    # The cache entry's lock and the lock of the run that trains the cached teacher there; a cell's claim and its run.
+    folder = tmp_path / "cache" / "teacher"
+    with RunLock(folder, wait=True, name=".cache-lock"):
+        with RunLock(folder):
+            assert not lock_is_free(folder)
+        assert lock_is_free(folder)
+        with pytest.raises(FolderInUseError):
+            RunLock(folder, name=".cache-lock").acquire()
+
+
+def test_lock_on_an_unwritable_place_says_so(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match=f"^--out {blocker / 'run'} is not writable: {blocker} is a file, not a "
+                                         "folder$"):
+        RunLock(blocker / "run", what="--out").acquire()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writable folders, checked before any work.
+
+
+def test_check_writable_creates_the_folder_and_leaves_nothing_behind(tmp_path):
+    folder = tmp_path / "runs" / "x"
+    assert check_writable(folder, "--out") == folder
+    assert folder.is_dir() and list(folder.iterdir()) == []
+
+
+def test_check_writable_refuses_a_path_through_a_file(tmp_path):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file where a folder should be")
+    for path in (blocker, blocker / "runs" / "x"):
+        with pytest.raises(ValueError, match=f"^--out {path} is not writable: {blocker} is a file, not a folder$"):
+            check_writable(path, "--out")
+
+
+def test_check_writable_refuses_a_read_only_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        writable_anyway = os.access(folder, os.W_OK)  # root ignores the mode bits
+        if writable_anyway:
+            # Root (as in many containers) writes into any folder; fail the probe the way a read-only folder does.
+            def denied(**kwargs):
+                raise PermissionError(13, "Permission denied", os.path.join(kwargs["dir"], ".write-probe-x"))
+            monkeypatch.setattr(run_folder.tempfile, "mkstemp", denied)
+        with pytest.raises(ValueError, match=f"^the cache folder {folder} is not writable: Permission denied$"):
+            check_writable(folder, "the cache folder")
+    finally:
+        folder.chmod(0o700)
