@@ -3,19 +3,20 @@ load_teacher(name, weights, num_classes), each taking the zoo by name.
 
 - "imagenet" (rankkd.models.imagenet): torchvision classifiers, DeiT-style ViTs from timm (when installed),
   mdistiller's MobileNetV1 and a small CNN pair for the 32x32 demo set;
-- "cifar" (rankkd.models.cifar): mdistiller's CIFAR-100 zoo, with its state_dict keys.
+- "cifar" (rankkd.models.cifar): mdistiller's CIFAR-100 zoo, with its state_dict keys;
+- "coco" (rankkd.models.coco): Faster R-CNN FPN detectors by backbone (imported on first use: needs torchvision).
 
 Every check that can fail (unknown name, missing or unreadable file, class-count mismatch) raises a ValueError that
 says what to change, so a trainer can run them all before it starts any work."""
-from rankkd.models import cifar, imagenet
+import importlib
 
-ZOOS = {"imagenet": imagenet, "cifar": cifar}
+ZOOS = ("imagenet", "cifar", "coco")
 
 
 def zoo(name):
     if name not in ZOOS:
         raise ValueError(f"unknown model zoo {name!r}; zoos: {', '.join(ZOOS)}")
-    return ZOOS[name]
+    return importlib.import_module(f"rankkd.models.{name}")
 
 
 def check_model(name, zoo_name="imagenet"):

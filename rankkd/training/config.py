@@ -34,8 +34,9 @@ METHOD_NAMES = tuple(name for method in METHODS for name in (method, f"{method}+
 
 
 def epoch_list(text):
+    """Epochs such as 30,60,90; a fraction (24.5) where an epoch is a fixed number of iterations (COCO)."""
     try:
-        return tuple(int(epoch) for epoch in text.split(","))
+        return tuple(float(epoch) if "." in epoch else int(epoch) for epoch in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated epochs such as 30,60,90, got {text!r}") from None
 
@@ -254,7 +255,10 @@ def _section(task, name):
 
 
 def split_method(method):
-    """("kd", True) for "kd+rank": the base method and whether the ranking loss is on."""
+    """("kd", True) for "kd+rank": the base method and whether the ranking loss is on; "none" (detection: no
+    distillation) is cross-entropy alone."""
+    if method == "none":
+        return "ce", False
     return method.removesuffix("+rank"), method.endswith("+rank")
 
 

@@ -133,7 +133,7 @@ def set_up_training(run, env):
                                                 device_ids=[env.local_rank] if device.type == "cuda" else None)
     training.train_forward = train_forward
     if cfg.speed.compile:
-        compile_model = partial(torch.compile, mode=cfg.speed.compile_mode)
+        compile_model = partial(run.task.compile, mode=cfg.speed.compile_mode)
         training.train_forward = compile_model(train_forward)
         training.eval_student = compile_model(student)
         training.eval_teacher = compile_model(teacher) if teacher is not None else None

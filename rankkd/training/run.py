@@ -59,16 +59,17 @@ def train(task, cfg, env):
 
 
 def prepare_run(task, cfg, env):
-    """Data, run folder (locked once the data checks passed), checkpoint to resume, teacher and student. Raises
-    ValueError (or FileNotFoundError for a missing data folder) on anything wrong with the settings."""
+    """Data, teacher, run folder (locked once the data and the teacher passed their checks), checkpoint to resume and
+    student. Raises ValueError (or FileNotFoundError for a missing data folder) on anything wrong with the settings,
+    before anything is written to the run folder."""
     loaders = task.make_data(cfg, env)
     check_loss_fits(cfg.loss, loaders.num_classes, env.device)
     mixer = task.make_mixer(cfg, env, loaders)
-    out, lock, resume_state, changed = open_run_folder(task, cfg, env)
     seed_everything(cfg.run.seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
     teacher = None
     if cfg.model.teacher is not None and cfg.model.teacher_weights is not None:
         teacher = task.load_teacher(cfg, cfg.model.teacher_weights, loaders.num_classes)
+    out, lock, resume_state, changed = open_run_folder(task, cfg, env)
     student = task.build_student(cfg, loaders.num_classes)
     return Run(task=task, cfg=cfg, out=out, lock=lock, resume_state=resume_state, loaders=loaders, student=student,
                teacher=teacher, mixer=mixer, changed_settings=changed)

@@ -11,13 +11,15 @@ A task is an object with
 - make_mixer(cfg, env, data): None, or a callable turning a training batch into (mixed images, soft targets);
 - build_student(cfg, num_classes), load_teacher(cfg, weights, num_classes);
 - train_forward(student, teacher, cfg): the module whose forward(inputs, targets, epoch) -> (outputs, loss terms)
-  is trained (DDP-wrapped and compiled by the skeleton);
+  is trained (DDP-wrapped by the skeleton); compile(module, mode): how --compile applies to it and to the models;
 - evaluate(student, teacher, loader, autocast, env, cfg): the validation metrics of one epoch;
 - primary_metric (what "best" means) and summary_metrics: (label, student key, teacher key) per column of the
   summary and of the per-epoch line.
 
 ClassificationTask below holds what the image-classification tasks share; a task overrides what differs.
 """
+import torch
+
 from rankkd import models
 from rankkd.distill import Distiller
 from rankkd.training.config import SHARED_OPTIONS
@@ -50,6 +52,9 @@ class ClassificationTask:
 
     def train_forward(self, student, teacher, cfg):
         return Distiller(student, teacher if cfg.loss.uses_teacher else None, cfg.loss)
+
+    def compile(self, module, mode):
+        return torch.compile(module, mode=mode)
 
     def evaluate(self, student, teacher, loader, autocast, env, cfg):
         graphs = cfg.speed.compile and cfg.speed.compile_mode == "reduce-overhead"

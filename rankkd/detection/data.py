@@ -1,0 +1,319 @@
+"""COCO 2017 detection data: checked before training, read per rank, resized and flipped as detectron2 does.
+
+Layout (the official zips unpacked into one root): train2017/, val2017/, annotations/instances_train2017.json,
+annotations/instances_val2017.json. check_coco(root) reads both annotation files and refuses, with one line naming
+the file and the fix, anything that would otherwise fail hours into a run: a missing file or folder, an annotation
+naming an image the listing lacks or whose file is missing, an unknown category, a box of non-positive size.
+
+Labels: the K category ids, sorted, map to 1..K (0 is the background column of the detector); label_to_category
+maps back for evaluation. Training, as detectron2: crowd annotations are ignored and images with no other annotation
+skipped; the shorter side is resized to a size drawn from train_sizes (detectron2: 640-800 step 32) with the longer
+side capped at max_size (1333), then a horizontal flip with probability 0.5 moves the boxes with the image.
+Validation: every listed image, resized to test_size / max_size (800 / 1333), each read by exactly one rank.
+
+Loaders follow the trainers' loader protocol (set_epoch, len = steps per pass, num_samples, backend) and yield
+(list of float CHW images in [0, 1] on the device, list of {"boxes": (N, 4) float xyxy, "labels": (N,) int64}) for
+training, (images, image ids) for validation. Order and augmentation are functions of (seed, epoch, rank) only
+(rankkd.training.data.sharding), whatever the number of workers.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from rankkd.training.data.sharding import TrainShard, ValShard
+
+TRAIN_SIZES = (640, 672, 704, 736, 768, 800)  # detectron2's MIN_SIZE_TRAIN of Base-RCNN-FPN
+TEST_SIZE = 800
+MAX_SIZE = 1333
+SPLITS = ("train2017", "val2017")
+
+
+@dataclass
+class CocoSplit:
+    """One split as the loaders read it: per image its id, file, original (height, width), and for training the
+    non-crowd boxes (xyxy, original pixels) with their contiguous labels."""
+    name: str
+    image_dir: Path
+    annotation_file: Path
+    image_ids: list[int]
+    files: list[Path]
+    sizes: list[tuple[int, int]]
+    boxes: list[np.ndarray]
+    labels: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+
+@dataclass
+class CocoDataset:
+    root: Path
+    train: CocoSplit
+    val: CocoSplit
+    category_ids: list[int]                  # sorted; label i + 1 is category_ids[i]
+    category_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        """Class columns of the detector: the categories plus the background."""
+        return len(self.category_ids) + 1
+
+    @property
+    def label_to_category(self) -> dict[int, int]:
+        return {label: category for label, category in enumerate(self.category_ids, start=1)}
+
+    @property
+    def category_to_label(self) -> dict[int, int]:
+        return {category: label for label, category in enumerate(self.category_ids, start=1)}
+
+
+def _refuse(problem, fix):
+    raise ValueError(f"{problem}; {fix}")
+
+
+def _read_annotations(root, split):
+    path, folder = root / "annotations" / f"instances_{split}.json", root / split
+    if not path.is_file():
+        _refuse(f"COCO annotation file {str(path)!r} is missing",
+                f"unzip annotations_trainval2017.zip (cocodataset.org) into {str(root)!r}")
+    if not folder.is_dir():
+        _refuse(f"COCO image folder {str(folder)!r} is missing", f"unzip {split}.zip (cocodataset.org) into "
+                f"{str(root)!r}")
+    try:
+        content = json.loads(path.read_text())
+        images, annotations, categories = content["images"], content["annotations"], content["categories"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        _refuse(f"{str(path)!r} is not a COCO instances file ({type(error).__name__}: {error})",
+                "re-download annotations_trainval2017.zip")
+    return path, folder, images, annotations, categories
+
+
+def _check_annotation(annotation, path, images_by_id, category_ids):
+    where = f"annotation {annotation.get('id')} of {str(path)!r}"
+    if annotation.get("image_id") not in images_by_id:
+        _refuse(f"{where} names image id {annotation.get('image_id')!r}, which the file's 'images' list lacks",
+                "fix or remove that annotation, or re-download the file")
+    if annotation.get("category_id") not in category_ids:
+        _refuse(f"{where} has category_id {annotation.get('category_id')!r}, not in the file's 'categories' "
+                f"{sorted(category_ids)}", "fix or remove that annotation")
+    box = annotation.get("bbox")
+    if not (isinstance(box, list) and len(box) == 4 and box[2] > 0 and box[3] > 0):
+        _refuse(f"{where} has a box of non-positive size, bbox {box!r} (x, y, width, height)",
+                "fix or remove that annotation")
+
+
+def _read_split(root, split, *, training):
+    path, folder, images, annotations, categories = _read_annotations(root, split)
+    category_ids = sorted(category["id"] for category in categories)
+    label_of = {category: label for label, category in enumerate(category_ids, start=1)}
+    images_by_id = {image["id"]: image for image in images}
+    objects = {image_id: [] for image_id in images_by_id}
+    for annotation in annotations:
+        _check_annotation(annotation, path, images_by_id, set(category_ids))
+        if not (training and annotation.get("iscrowd", 0)):  # detectron2 trains without crowd boxes
+            objects[annotation["image_id"]].append(annotation)
+    # Training skips images without (non-crowd) objects, as detectron2's FILTER_EMPTY_ANNOTATIONS.
+    kept = sorted(i for i in images_by_id if objects[i] or not training)
+    present = set(os.listdir(folder))
+    for image_id in kept:
+        if images_by_id[image_id]["file_name"] not in present:
+            _refuse(f"image file {str(folder / images_by_id[image_id]['file_name'])!r} (image id {image_id} of "
+                    f"{str(path)!r}) is missing", f"unzip {split}.zip (cocodataset.org) into {str(root)!r} again")
+    boxes, labels = [], []
+    for image_id in kept:
+        xywh = np.array([a["bbox"] for a in objects[image_id]], dtype=np.float32).reshape(-1, 4)
+        boxes.append(np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1))
+        labels.append(np.array([label_of[a["category_id"]] for a in objects[image_id]], dtype=np.int64))
+    split_data = CocoSplit(split, folder, path, kept, [folder / images_by_id[i]["file_name"] for i in kept],
+                           [(images_by_id[i]["height"], images_by_id[i]["width"]) for i in kept], boxes, labels)
+    return split_data, category_ids, [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
+
+
+def check_coco(root: str | os.PathLike) -> CocoDataset:
+    """Reads and checks a COCO-2017-layout root (module docstring); a ValueError of one line names the first
+    problem's file and the fix. Returns the parsed dataset, so nothing is read twice."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        _refuse(f"COCO root {str(root)!r} is not a folder", "pass the folder holding train2017/, val2017/ and "
+                "annotations/")
+    train, train_categories, names = _read_split(root, SPLITS[0], training=True)
+    val, val_categories, _ = _read_split(root, SPLITS[1], training=False)
+    if train_categories != val_categories:
+        _refuse(f"the categories of {str(train.annotation_file)!r} and {str(val.annotation_file)!r} differ",
+                "use the annotation files of one release")
+    if not len(train):
+        _refuse(f"{str(train.annotation_file)!r} has no image with a non-crowd annotation", "nothing to train on")
+    return CocoDataset(root, train, val, train_categories, names)
+
+
+def resized_shape(height: int, width: int, shorter: int, max_size: int) -> tuple[int, int]:
+    """detectron2's ResizeShortestEdge: the shorter side to `shorter` unless the longer then exceeds max_size."""
+    scale = shorter / min(height, width)
+    if max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    """xyxy boxes of an image of `width` pixels, mirrored left to right."""
+    flipped = boxes.copy()
+    flipped[:, 0], flipped[:, 2] = width - boxes[:, 2], width - boxes[:, 0]
+    return flipped
+
+
+class _CocoImages(Dataset):
+    """Indexed by (position in the split, augmentation seed or None): the seed travels with the key, so workers
+    started once still see each epoch's seeds, and a sample's augmentation does not depend on the worker."""
+
+    def __init__(self, split: CocoSplit, sizes: tuple[int, ...], max_size: int, flip: bool):
+        self._split, self._sizes, self._max_size, self._flip = split, tuple(sizes), max_size, flip
+
+    def __len__(self) -> int:
+        return len(self._split)
+
+    def __getitem__(self, key):
+        from PIL import Image
+
+        index, seed = key
+        rng = np.random.default_rng(seed) if seed is not None else None
+        with Image.open(self._split.files[index]) as image:
+            image = image.convert("RGB")
+        width, height = image.size
+        shorter = self._sizes[rng.integers(len(self._sizes))] if rng is not None else self._sizes[0]
+        new_height, new_width = resized_shape(height, width, shorter, self._max_size)
+        image = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
+        boxes = self._split.boxes[index] * np.array([new_width / width, new_height / height] * 2, dtype=np.float32)
+        boxes = np.clip(boxes, 0, [new_width, new_height, new_width, new_height]).astype(np.float32)
+        if self._flip and rng is not None and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            boxes = flip_boxes(boxes, new_width)
+        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # uint8 CHW: 4x less to pass around
+        # A box left with no area by the clipping (it lay outside the image) cannot be matched: drop it.
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        return pixels, torch.from_numpy(boxes[keep]), torch.from_numpy(self._split.labels[index][keep]), \
+            self._split.image_ids[index]
+
+
+class _Keys(Sampler):
+    """Yields the keys set for the current pass; the train loader refills it at the start of every epoch."""
+
+    def __init__(self, keys):
+        self.keys = keys
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _data_loader(dataset, keys, *, batch_size, num_workers, device):
+    # Own generator: starting workers must not draw from the global one (the samples are seeded by their keys).
+    return DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=num_workers, collate_fn=list,
+                      pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+                      generator=torch.Generator())
+
+
+def _images_to_device(samples, device):
+    return [pixels.to(device, non_blocking=True).float().div_(255) for pixels, *_ in samples]
+
+
+class CocoTrainLoader(TrainShard):
+    """One rank's training batches (module docstring); call set_epoch(epoch) before each pass."""
+
+    backend = "torchvision"
+
+    def __init__(self, split: CocoSplit, *, batch_size: int, rank: int, world_size: int, device: torch.device,
+                 seed: int, num_workers: int, sizes: tuple[int, ...] = TRAIN_SIZES, max_size: int = MAX_SIZE,
+                 flip: bool = True):
+        super().__init__(len(split), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
+        self._device = torch.device(device)
+        self._keys = _Keys([])
+        self._batches = _data_loader(_CocoImages(split, sizes, max_size, flip), self._keys, batch_size=batch_size,
+                                     num_workers=num_workers, device=self._device)
+
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]:
+        return self.batches_from(0)
+
+    def batches_from(self, step: int) -> Iterator[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]:
+        """The pass's batches from batch `step` on, exactly as a whole pass yields them (iteration-based schedules
+        resume mid-pass)."""
+        indices = self.epoch_indices()
+        seeds = np.random.default_rng(self.epoch_augmentation_seed()).integers(0, 2**63 - 1, size=len(indices))
+        start = step * self._batch_size
+        self._keys.keys = list(zip(indices.tolist()[start:], seeds.tolist()[start:]))
+        for samples in self._batches:
+            targets = [{"boxes": boxes.to(self._device, non_blocking=True),
+                        "labels": labels.to(self._device, non_blocking=True)} for _, boxes, labels, _ in samples]
+            yield _images_to_device(samples, self._device), targets
+
+
+class CocoValLoader(ValShard):
+    """This rank's block of the val images, in image-id order; the last batch may be partial. Yields (images,
+    image ids); evaluation maps boxes back to the original size given by the annotation file."""
+
+    backend = "torchvision"
+
+    def __init__(self, split: CocoSplit, *, batch_size: int, rank: int, world_size: int, device: torch.device,
+                 num_workers: int, size: int = TEST_SIZE, max_size: int = MAX_SIZE):
+        super().__init__(len(split), batch_size=batch_size, rank=rank, world_size=world_size)
+        self._device = torch.device(device)
+        self.image_ids = [split.image_ids[i] for i in self.indices.tolist()]
+        self._batches = _data_loader(_CocoImages(split, (size,), max_size, flip=False),
+                                     _Keys([(i, None) for i in self.indices.tolist()]), batch_size=batch_size,
+                                     num_workers=num_workers, device=self._device)
+
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], list[int]]]:
+        for samples in self._batches:
+            yield _images_to_device(samples, self._device), [image_id for *_, image_id in samples]
+
+
+def make_coco_loaders(dataset: CocoDataset, *, batch_size: int, val_batch_size: int, rank: int, world_size: int,
+                      device: torch.device, seed: int, num_workers: int, train_sizes: tuple[int, ...] = TRAIN_SIZES,
+                      test_size: int = TEST_SIZE, max_size: int = MAX_SIZE):
+    """The (train, val) loaders of one rank over a checked dataset (check_coco)."""
+    train = CocoTrainLoader(dataset.train, batch_size=batch_size, rank=rank, world_size=world_size, device=device,
+                            seed=seed, num_workers=num_workers, sizes=train_sizes, max_size=max_size)
+    val = CocoValLoader(dataset.val, batch_size=val_batch_size, rank=rank, world_size=world_size, device=device,
+                        num_workers=num_workers, size=test_size, max_size=max_size)
+    return train, val
+
+
+class SyntheticDetectionLoader:
+    """Random device-resident images and boxes, the same batch `steps` times per pass: for timing the training step
+    without an input pipeline. The tensors are shared between steps; a step must not modify them in place."""
+
+    backend = "synthetic"
+
+    def __init__(self, *, batch_size: int, image_size: tuple[int, int], num_classes: int, steps: int,
+                 device: torch.device, seed: int, boxes_per_image: int = 7):
+        generator = torch.Generator().manual_seed(seed)
+        height, width = image_size
+        self.images = [torch.rand((3, height, width), generator=generator).to(device) for _ in range(batch_size)]
+        self.targets = []
+        for _ in range(batch_size):
+            corners = torch.rand((boxes_per_image, 2, 2), generator=generator) * torch.tensor([width, height])
+            low, high = corners.min(dim=1).values, corners.max(dim=1).values + 8  # at least 8 px a side
+            boxes = torch.cat([low, torch.minimum(high, torch.tensor([width, height]))], dim=1)
+            labels = torch.randint(1, num_classes, (boxes_per_image,), generator=generator)
+            self.targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
+        self._steps = steps
+        self.num_samples = steps * batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Every pass is the same; accepted so that all loaders share one protocol."""
+
+    def __len__(self) -> int:
+        return self._steps
+
+    def __iter__(self):
+        for _ in range(self._steps):
+            yield self.images, self.targets

@@ -1,0 +1,99 @@
+"""Logit distillation for Faster R-CNN, as mdistiller's detection/model/rcnn.py does it for DKD.
+
+The student runs its transform, backbone, RPN and the RoI heads' proposal sampling once; its box head classifies
+the sampled proposals. The frozen teacher runs its own backbone on the same normalised images and its own box head
+on the same sampled proposals, so both class-logit matrices are (sampled RoIs, classes incl. background) over the
+same boxes. rankkd.distill.distill_losses then takes them with the sampled proposals' labels: its "ce" term is the
+Fast R-CNN classification loss (torchvision's fastrcnn_loss is exactly F.cross_entropy(class_logits, labels)), its
+base term (KD / DKD / DIST) and ranking term are the distillation. The box regression and RPN losses are
+torchvision's own.
+
+Gradient flow: RPN proposals are detached inside torchvision, so the distillation terms reach the student's box
+head, box predictor and backbone (FPN included), never the RPN head; the teacher runs under no_grad in eval mode.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models.detection.roi_heads import fastrcnn_loss
+
+from rankkd.distill import DistillConfig, distill_losses
+
+
+def _transform_settings(transform):
+    return (type(transform), tuple(transform.image_mean), tuple(transform.image_std), transform.size_divisible,
+            getattr(transform, "resizes", True), transform.min_size, transform.max_size, transform.fixed_size)
+
+
+def _check_same_transform(student, teacher):
+    """The teacher reads the student's transformed images, which is only right when its own transform would have
+    produced the same tensor (same normalisation, padding and resizing), so that proposals mean the same pixels."""
+    if _transform_settings(student.transform) != _transform_settings(teacher.transform):
+        raise ValueError("the teacher's image transform differs from the student's (normalisation, padding or "
+                         f"resizing: {_transform_settings(teacher.transform)[1:]} vs "
+                         f"{_transform_settings(student.transform)[1:]}); build both with rankkd.detection.models")
+
+
+def box_head_logits(detector, features, proposals, image_sizes):
+    """Class logits and box deltas of `detector`'s box head at `proposals` (one (n_i, 4) tensor per image)."""
+    heads = detector.roi_heads
+    pooled = heads.box_roi_pool(features, proposals, image_sizes)
+    return heads.box_predictor(heads.box_head(pooled))
+
+
+class DetectionDistiller(nn.Module):
+    """A student detector, a frozen teacher detector (None for method "ce" without the ranking loss) and a
+    DistillConfig; both detectors are torchvision FasterRCNNs from rankkd.detection.models.build_detector.
+
+    forward(images, targets, epoch=0.0) in training mode -> (None, terms): torchvision's box regression, objectness
+    and RPN box losses ("box_reg", "objectness", "rpn_box_reg"), then distill_losses' terms ("ce" = the classification loss, weighted by
+    config.ce_weight; "kd" / "dkd" / "dist"; "rank"), and "total", their sum; all 0-d tensors. After each step,
+    last_logits holds (student class logits detached, teacher class logits or None, sampled labels) for logging,
+    e.g. the student-teacher Kendall tau over RoIs. In eval mode forward(images) returns (student detections, {}).
+    The teacher stays in eval mode through train() and never gets a gradient (requires_grad off, no_grad)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, config: DistillConfig):
+        super().__init__()
+        if not isinstance(config, DistillConfig):
+            raise TypeError(f"config must be a DistillConfig, got {type(config).__name__}")
+        if teacher is None and config.uses_teacher:
+            raise ValueError(f"method {config.method!r} with rank_weight {config.rank_weight} needs a teacher, "
+                             "got None")
+        self.student, self.teacher, self.config = student, teacher, config
+        self.last_logits = None
+        if teacher is not None:
+            _check_same_transform(student, teacher)
+            teacher.requires_grad_(False)
+            teacher.eval()
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # its batch-norm statistics and RPN / RoI settings stay those of inference
+        return self
+
+    def forward(self, images, targets=None, epoch=0.0):
+        if not self.training:
+            return self.student(images), {}
+        student = self.student
+        image_list, targets = student.transform(images, targets)
+        features = student.backbone(image_list.tensors)
+        proposals, rpn_losses = student.rpn(image_list, features, targets)
+        proposals, _, labels, regression_targets = student.roi_heads.select_training_samples(proposals, targets)
+        class_logits, box_regression = box_head_logits(student, features, proposals, image_list.image_sizes)
+        # fastrcnn_loss also returns the classification loss; distill_losses' "ce" term is that loss.
+        _, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+        labels = torch.cat(labels)
+        teacher_logits = None
+        if self.config.uses_teacher:
+            with torch.no_grad():
+                teacher_features = self.teacher.backbone(image_list.tensors)
+                teacher_logits, _ = box_head_logits(self.teacher, teacher_features, proposals,
+                                                    image_list.image_sizes)
+        distill = distill_losses(class_logits, teacher_logits, labels, self.config, epoch)
+        terms = {"box_reg": loss_box_reg, "objectness": rpn_losses["loss_objectness"],
+                 "rpn_box_reg": rpn_losses["loss_rpn_box_reg"]}
+        terms |= {name: value for name, value in distill.items() if name != "total"}
+        terms["total"] = sum(terms.values())
+        self.last_logits = (class_logits.detach(), teacher_logits, labels)
+        return None, terms

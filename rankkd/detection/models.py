@@ -1,0 +1,243 @@
+"""Faster R-CNN FPN detectors (torchvision's), set up as detectron2's Base-RCNN-FPN where torchvision exposes it.
+
+build_detector(backbone, num_classes) gives the students and teachers of the COCO benchmark: ResNet-18/50/101 and
+MobileNetV2 backbones with an FPN (p2-p6), plus two small demo backbones that train from scratch on a CPU.
+
+Settings taken from detectron2's defaults and mdistiller's detection/configs/Base-Distillation.yaml: anchors 32-512
+(one size per level) x aspect ratios (0.5, 1, 2); RPN pre-NMS top-k 2000 per level in training and 1000 in test,
+post-NMS 1000 per image in both, NMS 0.7, 256 anchors per image at 50 % positive; 512 sampled RoIs per image at 25 %
+positive, IoU 0.5; box head of 2 FC layers of 1024 on a 7x7 pooler; test score threshold 0.05, NMS 0.5, 100
+detections per image. ResNets: frozen batch norm and the stem + res2 frozen (detectron2 FREEZE_AT 2). MobileNetV2 as
+mdistiller's detection/model/backbone/mobilenetv2.py: frozen batch norm, nothing else frozen (its FREEZE_AT 0), FPN
+on the last block of each stride (24, 32, 96 and 320 channels at strides 4-32; the final 1x1 conv unused).
+Known differences from detectron2: torchvision's RoIAlign is not "aligned" and samples 2 points per bin (detectron2:
+aligned, adaptive), and its ImageNet weights expect RGB input normalised by the ImageNet mean and std (detectron2's
+MSRA weights: BGR, mean only).
+
+Resizing: the loaders of rankkd.detection.data resize every image (a seeded choice of the shorter side per sample),
+so by default the detector's transform only normalises and batches (min_size None). Give min_size / max_size for a
+detector that resizes its inputs itself, torchvision's usual behaviour.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+# torchvision's ImageNet weights expect RGB in [0, 1] normalised by these.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+BACKBONES = ("resnet18", "resnet50", "resnet101", "mobilenet_v2", "demo_small", "demo_tiny")
+
+
+# The 80 COCO category ids: torchvision's COCO detectors have 91 class columns indexed by these ids (plus 0 for
+# background); the trainer's detectors have 81, in this order.
+COCO_CATEGORY_IDS = tuple(i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
+
+# torchvision's COCO-trained Faster R-CNN R50-FPN, the one stock teacher it ships.
+TORCHVISION_COCO_WEIGHTS = {"resnet50": "FasterRCNN_ResNet50_FPN_Weights.COCO_V1"}
+
+_DETECTRON2_ANCHORS = (32, 64, 128, 256, 512)
+_RESNET_CHANNELS = {"resnet18": 512, "resnet50": 2048, "resnet101": 2048}  # channels of res5
+_MOBILENET_V2_STAGE_ENDS = {"3": "0", "6": "1", "13": "2", "17": "3"}  # features index -> FPN input
+_MOBILENET_V2_CHANNELS = [24, 32, 96, 320]
+_DEMO_WIDTHS = {"demo_small": (32, 64, 96, 128), "demo_tiny": (16, 32, 48, 64)}
+
+
+class DetectionTransform(GeneralizedRCNNTransform):
+    """torchvision's transform (normalise with the ImageNet mean and std, pad to a multiple of 32, batch), resizing
+    only when given a min_size: the loaders resize every image themselves, seeded per sample, and resizing again
+    here would undo their choice of size."""
+
+    def __init__(self, min_size: int | None = None, max_size: int | None = None):
+        super().__init__(min_size or 800, max_size or 1333, image_mean=list(IMAGENET_MEAN),
+                         image_std=list(IMAGENET_STD))
+        self.resizes = min_size is not None
+
+    def resize(self, image, target=None):
+        if not self.resizes:
+            return image, target
+        return super().resize(image, target)
+
+
+def _load_state_dict_source(weights, what):
+    """A state_dict from a file path or a torchvision weights name ("ResNet18_Weights.IMAGENET1K_V1")."""
+    if isinstance(weights, (str, os.PathLike)) and Path(weights).expanduser().is_file():
+        from rankkd._torchfile import load_torch_file
+
+        return load_torch_file(Path(weights).expanduser(), what)
+    from torchvision.models import get_weight
+
+    try:
+        enum = get_weight(str(weights))
+    except (ValueError, KeyError, AttributeError) as error:
+        raise ValueError(f"{what} {str(weights)!r} is neither a file nor a torchvision weights name "
+                         f"(e.g. ResNet50_Weights.IMAGENET1K_V1): {error}") from None
+    # Downloads only when torchvision's cache lacks the file; machines without internet need it cached.
+    return enum.get_state_dict(progress=False)
+
+
+def _resnet_body(name, weights):
+    import torchvision
+    from torchvision.ops import FrozenBatchNorm2d
+
+    body = getattr(torchvision.models, name)(weights=None, norm_layer=FrozenBatchNorm2d)
+    if weights is not None:
+        state = _load_state_dict_source(weights, "backbone weights")
+        missing, unexpected = body.load_state_dict(state, strict=False)
+        unexpected = [key for key in unexpected if not key.startswith("fc.")]
+        if missing or unexpected:
+            raise ValueError(f"backbone weights {str(weights)!r} are not a torchvision {name} classification "
+                             f"state_dict (missing {missing[:3]}, unexpected {unexpected[:3]}); pass the {name} "
+                             "ImageNet weights")
+    # detectron2 FREEZE_AT 2: the stem and res2 (layer1) keep their ImageNet weights.
+    for module in (body.conv1, body.layer1):
+        module.requires_grad_(False)
+    return body, {f"layer{i}": str(i - 1) for i in range(1, 5)}, [_RESNET_CHANNELS[name] // 8 * 2 ** i
+                                                                  for i in range(4)]
+
+
+def _mobilenet_v2_body(weights):
+    import torchvision
+    from torchvision.ops import FrozenBatchNorm2d
+
+    model = torchvision.models.mobilenet_v2(weights=None, norm_layer=FrozenBatchNorm2d)
+    if weights is not None:
+        state = _load_state_dict_source(weights, "backbone weights")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:
+            first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+            raise ValueError(f"backbone weights {str(weights)!r} are not a torchvision mobilenet_v2 classification "
+                             f"state_dict ({first}); pass the mobilenet_v2 ImageNet weights") from None
+    return model.features, _MOBILENET_V2_STAGE_ENDS, _MOBILENET_V2_CHANNELS
+
+
+class _DemoResNet(nn.Sequential):
+    """A four-stage ResNet of one BasicBlock per stage, with ordinary batch norm (it trains from scratch)."""
+
+    def __init__(self, widths):
+        from torchvision.models.resnet import BasicBlock
+
+        def stage(inplanes, planes, stride):
+            down = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+            return BasicBlock(inplanes, planes, stride, downsample=down)
+
+        stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                             nn.ReLU(inplace=True))
+        super().__init__(OrderedDict([("stem", stem), ("layer1", stage(widths[0], widths[0], 2)),
+                                      ("layer2", stage(widths[0], widths[1], 2)),
+                                      ("layer3", stage(widths[1], widths[2], 2)),
+                                      ("layer4", stage(widths[2], widths[3], 2))]))
+
+
+def _backbone_with_fpn(backbone, weights, fpn_channels):
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    if backbone in _RESNET_CHANNELS:
+        body, return_layers, channels = _resnet_body(backbone, weights)
+    elif backbone == "mobilenet_v2":
+        body, return_layers, channels = _mobilenet_v2_body(weights)
+    else:
+        if weights is not None:
+            raise ValueError(f"backbone {backbone!r} is a demo backbone trained from scratch: it takes no weights")
+        body = _DemoResNet(_DEMO_WIDTHS[backbone])
+        return_layers, channels = {f"layer{i}": str(i - 1) for i in range(1, 5)}, list(_DEMO_WIDTHS[backbone])
+    # LastLevelMaxPool adds p6 (stride 64) from p5, detectron2's FPN top block for the RPN.
+    return BackboneWithFPN(body, return_layers, channels, fpn_channels, extra_blocks=LastLevelMaxPool())
+
+
+def build_detector(backbone: str, num_classes: int, *, backbone_weights=None, min_size: int | None = None,
+                   max_size: int | None = None, anchor_sizes=_DETECTRON2_ANCHORS, fpn_channels: int = 256,
+                   box_head_dim: int = 1024, rois_per_image: int = 512, rpn_pre_nms_top_n_train: int = 2000,
+                   rpn_pre_nms_top_n_test: int = 1000, rpn_post_nms_top_n: int = 1000):
+    """A torchvision FasterRCNN with an FPN on `backbone` (one of BACKBONES) and `num_classes` class columns,
+    background included (81 for COCO).
+
+    backbone_weights: ImageNet weights of the backbone, a torchvision classification state_dict file or a torchvision
+    weights name (e.g. "ResNet50_Weights.IMAGENET1K_V1"); None = random init. min_size / max_size: see the module
+    docstring (None: the loader resizes). The remaining arguments default to detectron2's values (module docstring);
+    the demo shrinks them (smaller anchors for small images, narrower FPN and box head, fewer RoIs)."""
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown detection backbone {backbone!r}; backbones: {', '.join(BACKBONES)}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
+    if len(anchor_sizes) != 5:
+        raise ValueError(f"anchor_sizes needs one size per FPN level p2-p6 (5), got {anchor_sizes}")
+    fpn = _backbone_with_fpn(backbone, backbone_weights, fpn_channels)
+    anchors = AnchorGenerator(tuple((size,) for size in anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
+    box_head = TwoMLPHead(fpn_channels * 7 * 7, box_head_dim)
+    predictor = FastRCNNPredictor(box_head_dim, num_classes)
+    model = FasterRCNN(fpn, None, rpn_anchor_generator=anchors, box_head=box_head, box_predictor=predictor,
+                       rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
+                       rpn_post_nms_top_n_train=rpn_post_nms_top_n, rpn_post_nms_top_n_test=rpn_post_nms_top_n,
+                       box_batch_size_per_image=rois_per_image, box_positive_fraction=0.25, box_score_thresh=0.05,
+                       box_nms_thresh=0.5, box_detections_per_img=100)
+    model.transform = DetectionTransform(min_size, max_size)
+    return model
+
+
+def _teacher_state(weights):
+    """The detector state_dict inside `weights`: a trainer checkpoint's "student", a plain state_dict file, or a
+    torchvision weights name; wrapper prefixes (DDP's "module.", torch.compile's "_orig_mod.") removed."""
+    state = _load_state_dict_source(weights, "teacher weights")
+    if isinstance(state, dict) and isinstance(state.get("student"), dict):
+        state = state["student"]
+    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise ValueError(f"teacher weights {str(weights)!r} hold neither a detector state_dict nor a rankkd "
+                         "checkpoint (a dict with 'student'); pass a checkpoint written by the COCO trainer")
+    for prefix in ("module.", "_orig_mod."):
+        state = {key.removeprefix(prefix): value for key, value in state.items()}
+    return state
+
+
+def _coco91_to_contiguous(state, num_classes):
+    """torchvision's COCO detectors index their 91 class columns by category id; keep the background and the 80
+    used ids, in order, to get the 81 columns of the trainer's detectors (same logits, same boxes)."""
+    rows = torch.tensor((0,) + COCO_CATEGORY_IDS)
+    weight = state.get("roi_heads.box_predictor.cls_score.weight")
+    if weight is None or weight.shape[0] != 91 or num_classes != len(rows):
+        return state
+    box_rows = (rows[:, None] * 4 + torch.arange(4)).reshape(-1)  # 4 box deltas per class
+    state = dict(state)
+    for name, index in (("cls_score", rows), ("bbox_pred", box_rows)):
+        for kind in ("weight", "bias"):
+            key = f"roi_heads.box_predictor.{name}.{kind}"
+            state[key] = state[key][index]
+    return state
+
+
+def load_detection_teacher(backbone: str, weights, num_classes: int, **build_kwargs):
+    """A frozen teacher in eval mode: build_detector(backbone, num_classes, **build_kwargs) with `weights` loaded.
+
+    weights: a checkpoint written by the trainer (a dict whose "student" is the detector state_dict), a detector
+    state_dict file, or a torchvision weights name such as "FasterRCNN_ResNet50_FPN_Weights.COCO_V1" (resnet50
+    only: torchvision's COCO Faster R-CNN R50-FPN; its 91 category-id columns are cut to the 81 used ones). Weights
+    of another architecture are refused with one ValueError line naming the file and the fix."""
+    model = build_detector(backbone, num_classes, **build_kwargs)
+    state = _coco91_to_contiguous(_teacher_state(weights), num_classes)
+    own = model.state_dict()
+    missing = [key for key in own if key not in state]
+    # Frozen batch norm has no num_batches_tracked, which a checkpoint of ordinary batch norm carries.
+    unexpected = [key for key in state if key not in own and not key.endswith("num_batches_tracked")]
+    wrong_shape = [key for key in own if key in state and state[key].shape != own[key].shape]
+    if missing or unexpected or wrong_shape:
+        detail = "; ".join(f"{what} {keys[0]!r}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else "")
+                           for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                              ("different shape", wrong_shape)) if keys)
+        raise ValueError(f"teacher weights {str(weights)!r} are not those of a {backbone} Faster R-CNN with "
+                         f"{num_classes} classes ({detail}); pass the checkpoint of a {backbone} detector trained "
+                         "on this dataset, or the teacher backbone those weights belong to")
+    model.load_state_dict({key: value for key, value in state.items() if key in own})
+    model.requires_grad_(False)
+    return model.eval()

@@ -1,0 +1,36 @@
+"""The COCO detection zoo: torchvision Faster R-CNN FPN detectors by backbone name (rankkd.detection.models), with
+detectron2's settings, or for the demo's backbones the small settings sized for 128 px images on a CPU. Imported only
+when a detection task asks for it (it needs torchvision)."""
+from rankkd.detection.demo import DEMO_DETECTOR
+from rankkd.detection.models import BACKBONES, build_detector, load_detection_teacher
+
+DEMO_BACKBONES = ("demo_small", "demo_tiny")
+# "imagenet" as student weights: torchvision's ImageNet classification weights of the backbone.
+IMAGENET_WEIGHTS = {"resnet18": "ResNet18_Weights.IMAGENET1K_V1", "resnet50": "ResNet50_Weights.IMAGENET1K_V1",
+                    "resnet101": "ResNet101_Weights.IMAGENET1K_V1", "mobilenet_v2": "MobileNet_V2_Weights.IMAGENET1K_V1"}
+
+
+def detector_settings(name):
+    return DEMO_DETECTOR if name in DEMO_BACKBONES else {}
+
+
+def check_model(name):
+    if name not in BACKBONES:
+        raise ValueError(f"unknown detection backbone {name!r}; backbones: {', '.join(BACKBONES)}")
+
+
+def build_model(name, num_classes, backbone_weights=None):
+    """A detector on backbone `name`; backbone_weights: None (random), "imagenet", a file or a torchvision name."""
+    check_model(name)
+    if backbone_weights == "imagenet":
+        if name not in IMAGENET_WEIGHTS:
+            raise ValueError(f"--student-weights imagenet: the demo backbone {name!r} trains from scratch (give none)")
+        backbone_weights = IMAGENET_WEIGHTS[name]
+    return build_detector(name, num_classes, backbone_weights=backbone_weights, **detector_settings(name))
+
+
+def load_teacher(name, weights, num_classes):
+    check_model(name)
+    if str(weights) == "random":
+        return build_detector(name, num_classes, **detector_settings(name)).eval().requires_grad_(False)
+    return load_detection_teacher(name, weights, num_classes, **detector_settings(name))

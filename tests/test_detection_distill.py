@@ -1,0 +1,137 @@
+"""DetectionDistiller: its loss terms, where their gradients go, and agreement with torchvision's own training."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("torchvision")
+
+from rankkd.detection.distill import DetectionDistiller, box_head_logits  # noqa: E402
+from rankkd.detection.models import build_detector  # noqa: E402
+from rankkd.distill import DistillConfig  # noqa: E402
+
+NUM_CLASSES = 4
+SMALL = dict(anchor_sizes=(8, 16, 32, 64, 128), fpn_channels=16, box_head_dim=32, rois_per_image=32,
+             rpn_pre_nms_top_n_train=200, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n=50)
+
+
+def detector(backbone="demo_tiny", seed=0):
+    torch.manual_seed(seed)
+    return build_detector(backbone, NUM_CLASSES, **SMALL)
+
+
+def batch(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, 64, 80, generator=generator), torch.rand(3, 72, 64, generator=generator)]
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [35.0, 20.0, 70.0, 50.0]]),
+                "labels": torch.tensor([1, 3])},
+               {"boxes": torch.tensor([[10.0, 12.0, 50.0, 60.0]]), "labels": torch.tensor([2])}]
+    return images, targets
+
+
+def grads(module):
+    return {name: None if p.grad is None else p.grad.clone() for name, p in module.named_parameters()}
+
+
+def test_terms_sum_to_total_and_are_scalars():
+    distiller = DetectionDistiller(detector(), detector("demo_small", 1),
+                                   DistillConfig(method="dkd", dkd_beta=0.25, temperature=1.0, rank_weight=1.0))
+    distiller.train()
+    output, terms = distiller(*batch(), epoch=1.0)
+    assert output is None
+    assert set(terms) == {"box_reg", "objectness", "rpn_box_reg", "ce", "dkd", "rank", "total"}
+    assert all(value.dim() == 0 for value in terms.values())
+    parts = sum(value for name, value in terms.items() if name != "total")
+    torch.testing.assert_close(terms["total"], parts)
+    student_logits, teacher_logits, labels = distiller.last_logits
+    assert student_logits.shape == teacher_logits.shape == (labels.numel(), NUM_CLASSES)
+    assert not student_logits.requires_grad
+
+
+def test_distillation_gradients_reach_only_the_student_box_head_and_backbone():
+    student, teacher = detector(), detector("demo_small", 1)
+    before = {name: p.clone() for name, p in teacher.state_dict().items()}
+    distiller = DetectionDistiller(student, teacher, DistillConfig(method="kd", temperature=1.0, rank_weight=1.0))
+    distiller.train()
+    assert not teacher.training
+    _, terms = distiller(*batch())
+    (terms["kd"] + terms["rank"]).backward()
+    student_grads = grads(student)
+    reached = {name for name, grad in student_grads.items() if grad is not None and grad.abs().sum() > 0}
+    assert any(name.startswith("roi_heads.box_head.") for name in reached)
+    assert any(name.startswith("roi_heads.box_predictor.cls_score") for name in reached)
+    assert any(name.startswith("backbone.body.") for name in reached)
+    assert any(name.startswith("backbone.fpn.") for name in reached)
+    assert not any(name.startswith("rpn.") for name in reached)  # proposals are detached
+    assert not any(name.startswith("roi_heads.box_predictor.bbox_pred") for name in reached)
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(before[name], value) for name, value in teacher.state_dict().items())
+    assert not teacher.training
+
+
+def test_ce_term_is_torchvisions_classification_loss():
+    student = detector()
+    distiller = DetectionDistiller(student, None, DistillConfig(method="ce", ce_weight=1.0)).train()
+    images, targets = batch()
+    torch.manual_seed(5)
+    _, terms = distiller(images, targets)
+    # torchvision's own RoI heads from the same RNG state sample the same proposals; their loss_classifier is
+    # F.cross_entropy of the class logits over the sampled labels.
+    torch.manual_seed(5)
+    losses = student(images, targets)
+    torch.testing.assert_close(terms["ce"], losses["loss_classifier"])
+    student_logits, _, labels = distiller.last_logits
+    torch.testing.assert_close(terms["ce"], F.cross_entropy(student_logits, labels))
+
+
+def test_ce_only_equals_plain_torchvision_training():
+    student = detector()
+    distiller = DetectionDistiller(student, None, DistillConfig(method="ce", ce_weight=1.0)).train()
+    images, targets = batch()
+    torch.manual_seed(7)
+    _, terms = distiller(images, targets)
+    terms["total"].backward()
+    ours = grads(student)
+    student.zero_grad()
+    torch.manual_seed(7)
+    losses = student(images, targets)
+    sum(losses.values()).backward()
+    torch.testing.assert_close(terms["total"], sum(losses.values()))
+    for name in ("box_reg", "objectness", "rpn_box_reg"):
+        torch.testing.assert_close(terms[name], losses[f"loss_{name}"])
+    for name, grad in grads(student).items():
+        if grad is None:
+            assert ours[name] is None
+        else:
+            torch.testing.assert_close(ours[name], grad, msg=name)
+
+
+def test_teacher_logits_come_from_its_own_features_at_the_student_proposals():
+    student, teacher = detector(), detector("demo_small", 1)
+    distiller = DetectionDistiller(student, teacher, DistillConfig(method="kd", temperature=1.0)).train()
+    images, targets = batch()
+    torch.manual_seed(3)
+    distiller(images, targets)
+    _, teacher_logits, _ = distiller.last_logits
+    # Redo the student's sampling from the same RNG state, then run the teacher's box head by hand.
+    torch.manual_seed(3)
+    image_list, targets = student.transform(images, targets)
+    proposals, _ = student.rpn(image_list, student.backbone(image_list.tensors), targets)
+    proposals, *_ = student.roi_heads.select_training_samples(proposals, targets)
+    with torch.no_grad():
+        expected, _ = box_head_logits(teacher, teacher.backbone(image_list.tensors), proposals,
+                                      image_list.image_sizes)
+    torch.testing.assert_close(teacher_logits, expected)
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="needs a teacher"):
+        DetectionDistiller(detector(), None, DistillConfig(method="kd"))
+    other = build_detector("demo_small", NUM_CLASSES, min_size=64, max_size=96, **SMALL)
+    with pytest.raises(ValueError, match="transform differs"):
+        DetectionDistiller(detector(), other, DistillConfig(method="kd"))
+
+
+def test_eval_mode_returns_detections():
+    distiller = DetectionDistiller(detector(), detector("demo_small", 1), DistillConfig(method="kd")).eval()
+    detections, terms = distiller(batch()[0])
+    assert terms == {} and len(detections) == 2 and set(detections[0]) == {"boxes", "labels", "scores"}
