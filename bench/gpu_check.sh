@@ -54,9 +54,14 @@ cat "$log"
 step build 90 env MAX_JOBS=16 python setup.py develop
 if [ "$mode" = all ]; then
   # RANKKD_EXPECT_CUDA_KERNEL=1: a build that left out the CUDA kernel fails the tests instead of skipping them.
-  step tests 200 env RANKKD_EXPECT_CUDA_KERNEL=1 python -m pytest -q -x tests/test_kendall.py tests/test_triton.py \
+  step tests 175 env RANKKD_EXPECT_CUDA_KERNEL=1 python -m pytest -q -x tests/test_kendall.py tests/test_triton.py \
     tests/test_cuda.py tests/test_losses.py tests/test_distill.py
   step bench_fp32 80 python bench/loss_bench.py --device cuda --dtype float32 --json "$out/loss_cuda_float32.json"
+  # The machine-code model (bench/kernel_report.py) for this GPU's architecture, its predictions written beside the
+  # times just measured: checks the model itself.
+  arch=$(python -c "import torch; major, minor = torch.cuda.get_device_capability(); print(10 * major + minor)")
+  step kernel_report 25 python bench/kernel_report.py --archs "$arch" --out "$out" \
+    --measured "$out/loss_cuda_float32.json"
   step bench_bf16 30 python bench/loss_bench.py --device cuda --dtype bfloat16 --shapes 512x1000,64x4096 \
     --backends cuda,triton --json "$out/loss_cuda_bfloat16.json"
   # precision "exact" (full float32 math) against the "fast" default above, fp32, both GPU backends.

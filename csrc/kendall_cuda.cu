@@ -98,13 +98,15 @@ void launch(const at::Tensor& s, const at::Tensor& t, T k, KendallChoices choice
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Precision precision = math_precision<T>(choices.precision);
 
+  const bool prescaled =
+      precision == Precision::kFast ? kPrescaledLogits<Precision::kFast> : kPrescaledLogits<Precision::kExact>;
   at::Tensor prepared_s = at::empty({rows, padded}, opts);
   at::Tensor prepared_t = at::empty({rows, padded}, opts);
   at::Tensor nonfinite = at::empty({rows}, opts.dtype(at::kInt));
   kendall_prepare_kernel<scalar_t, T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-      s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), num_classes, padded, k,
-      precision == Precision::kFast ? kPrescaledLogits<Precision::kFast> : kPrescaledLogits<Precision::kExact>,
-      prepared_s.mutable_data_ptr<T>(), prepared_t.mutable_data_ptr<T>(), nonfinite.mutable_data_ptr<int32_t>());
+      s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), num_classes, padded, k, prescaled,
+      prescaled && choices.teacher_mode == TeacherMode::kTanh, prepared_s.mutable_data_ptr<T>(),
+      prepared_t.mutable_data_ptr<T>(), nonfinite.mutable_data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // The student sums are always formed (they cost no MUFU time); without grad_student they land in scratch.

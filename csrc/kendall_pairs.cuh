@@ -9,11 +9,12 @@
 //
 // A CTA (4 warps) works on one tile pair at a time. Lane = ty + 8 tx (ty in [0, 8), tx in [0, 4)) of warp w owns
 //   row slots a in [0, 8):    i = I * kTile + ty + 8 a       (in registers for the whole strip)
-//   column slots b in [0, 4): j = J * kTile + 16 w + 4 tx + b
+//   column slots b in [0, 4): j = J * kTile + 16 g + 4 tx + b   (column group g = w, rotated on the diagonal)
 // and evaluates those 8 x 4 pairs: every (i, j) of the tile pair once. What a pair adds to i is summed in registers
 // over the strip; what it adds to j is reduced over the 8 lanes sharing tx (shuffles) after each tile pair. The
-// diagonal tile pair (d = 0, I == J) covers only i < j: warp w stops after row slot 2w + 1 (every later i is past its
-// columns j) and zeroes the pairs with i >= j in its last two row slots, so each unordered pair is evaluated once.
+// diagonal tile pair (d = 0, I == J) covers only i < j: the warp holding group g stops after row slot 2g + 1 (every
+// later i is past its columns j) and zeroes the pairs with i >= j in its last two row slots, so each unordered pair is
+// evaluated once.
 //
 // Padding. A padded channel has value 0 and mask 0. The differences are formed as x_i * m_j - x_j, exactly 0 when j is
 // padding, which makes every term of the pair 0; the terms a padded i adds to j's and to the loss are multiplied by
@@ -48,9 +49,16 @@ static_assert(kWarpColumns % kRowLanes == 0, "a warp's diagonal block ends on a 
 
 // Precision::kFast prepares the logits times k: one multiply less per difference, its rounding far below
 // tanh.approx's error. kExact forms differences from the raw logits and then scales them: k (s_i - s_j) keeps every
-// bit of a small difference, while k s_i - k s_j would carry the rounding of both products.
+// bit of a small difference, while k s_i - k s_j would carry the rounding of both products. Two exceptions on the fast
+// path, both decided by prepare (kendall_rows.cuh): the sign teacher's logits are never scaled (sign(t_i - t_j) needs
+// no k), and a row where some |k x| would pass half the largest float is stored unscaled and flagged kRowUnscaled
+// (unscaled_row below).
 template <Precision P>
 constexpr bool kPrescaledLogits = P == Precision::kFast;
+
+// Row flags, written by prepare (kendall_rows.cuh).
+constexpr int32_t kRowNonfinite = 1;  // the row holds a non-finite logit: finalize writes NaN over it
+constexpr int32_t kRowUnscaled = 2;   // kFast only: k x would overflow for some logit, the row is stored unscaled
 
 // ---- tile pair enumeration ------------------------------------------------------------------------------------------
 
@@ -81,8 +89,8 @@ __host__ __device__ inline Strip strip_containing(int64_t idx, int64_t nt) {
 template <typename T>
 struct PairArgs {
   const T* student;          // (rows, padded): prepared logits, zero padded, times k when kPrescaledLogits<P>
-  const T* teacher;          // likewise
-  const int32_t* nonfinite;  // (rows,): 1 where the row holds a non-finite logit
+  const T* teacher;          // likewise, times k only with the tanh teacher
+  const int32_t* nonfinite;  // (rows,): row flags, kRowNonfinite | kRowUnscaled
   T* grad_s;                 // (rows * parts, C): each CTA's sums of sech^2_s g per channel
   T* grad_t;                 // likewise, sums of tanh_s sech^2_t; nullptr without teacher gradient
   double* loss_part;         // (rows * parts,): each CTA's sum of tanh_s g over its unordered pairs
@@ -106,16 +114,16 @@ __device__ __forceinline__ T scaled_difference(T xi, T xj, T mj, T k) {
   return kPrescaled ? d : k * d;
 }
 
-// The tanh of a difference: MUFU.TANH for kFast, the accurate one for kExact and float64.
-template <Precision P>
+// The tanh of a difference: MUFU.TANH for kFast (kPin: see tanh_approx), the accurate one for kExact and float64.
+template <Precision P, bool kPin>
 __device__ __forceinline__ float pair_tanh(float x) {
   if constexpr (P == Precision::kExact) {
     return tanh_exact(x);
   } else {
-    return tanh_approx(x);
+    return tanh_approx<kPin>(x);
   }
 }
-template <Precision P>
+template <Precision P, bool kPin>
 __device__ __forceinline__ double pair_tanh(double x) {
   static_assert(P == Precision::kExact, "float64 has only the exact path");
   return tanh_exact(x);
@@ -130,23 +138,23 @@ __device__ __forceinline__ void tile_pair(const T (&xi)[kRowSlots], const T (&yi
                                           const T (&mi)[kRowSlots], const T (&xj)[kColSlots],
                                           const T (&yj)[kColSlots], const T (&mj)[kColSlots], T k,
                                           T (&row_s)[kRowSlots], T (&row_t)[kRowSlots], T (&col_s)[kColSlots],
-                                          T (&col_t)[kColSlots], T& loss) {
+                                          T (&col_t)[kColSlots], T& loss, int group) {
   const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
   const int i_offset = lane % kRowLanes;                                        // i - I * kTile - kRowLanes * a
-  const int j_offset = warp * kWarpColumns + (lane / kRowLanes) * kColSlots;   // j - J * kTile - b
+  const int j_offset = group * kWarpColumns + (lane / kRowLanes) * kColSlots;  // j - J * kTile - b
 #pragma unroll
   for (int a = 0; a < kRowSlots; ++a) {
-    if (kDiagonal && a * kRowLanes >= (warp + 1) * kWarpColumns) break;  // every later i is past this warp's j
+    if (kDiagonal && a * kRowLanes >= (group + 1) * kWarpColumns) break;  // every later i is past this warp's j
     T p[kColSlots], gs[kColSlots], gt[kColSlots];
 #pragma unroll
     for (int b = 0; b < kColSlots; ++b) {
-      T ta = pair_tanh<P>(scaled_difference<kPrescaledLogits<P>>(xi[a], xj[b], mj[b], k));
+      // The student sums (sech^2_s) are always formed; sech^2_t only with the teacher gradient.
+      T ta = pair_tanh<P, true>(scaled_difference<kPrescaledLogits<P>>(xi[a], xj[b], mj[b], k));
       T tb;
       if constexpr (M == TeacherMode::kSign) {
         tb = sign_or_zero(fma(yi[a], mj[b], -yj[b]));
       } else {
-        tb = pair_tanh<P>(scaled_difference<kPrescaledLogits<P>>(yi[a], yj[b], mj[b], k));
+        tb = pair_tanh<P, kGradT>(scaled_difference<kPrescaledLogits<P>>(yi[a], yj[b], mj[b], k));
       }
       if constexpr (kDiagonal) {
         const bool counted = i_offset + kRowLanes * a < j_offset + b;
@@ -246,9 +254,9 @@ template <typename T, Precision P, TeacherMode M, bool kGradT, bool kDiagonal>
 __device__ __forceinline__ void run_tile_pair(const PairArgs<T>& args, const T* s_row, const T* t_row, T* part_s,
                                               T* part_t, int other, const T (&xi)[kRowSlots], const T (&yi)[kRowSlots],
                                               const T (&mi)[kRowSlots], T (&row_s)[kRowSlots],
-                                              T (&row_t)[kRowSlots], double& loss) {
+                                              T (&row_t)[kRowSlots], double& loss, int group) {
   const int lane = threadIdx.x & 31;
-  const int j0 = other * kTile + (threadIdx.x >> 5) * kWarpColumns + (lane / kRowLanes) * kColSlots;
+  const int j0 = other * kTile + group * kWarpColumns + (lane / kRowLanes) * kColSlots;
   T xj[kColSlots], yj[kColSlots], mj[kColSlots], col_s[kColSlots], col_t[kColSlots];
   load4(s_row + j0, xj);
   load4(t_row + j0, yj);
@@ -259,7 +267,7 @@ __device__ __forceinline__ void run_tile_pair(const PairArgs<T>& args, const T* 
     col_t[b] = T(0);
   }
   T tile_loss = T(0);
-  tile_pair<T, P, M, kGradT, kDiagonal>(xi, yi, mi, xj, yj, mj, args.k, row_s, row_t, col_s, col_t, tile_loss);
+  tile_pair<T, P, M, kGradT, kDiagonal>(xi, yi, mi, xj, yj, mj, args.k, row_s, row_t, col_s, col_t, tile_loss, group);
   loss += static_cast<double>(tile_loss);
   flush_columns(col_s, part_s, j0, lane % kRowLanes, args.num_classes);
   if constexpr (kGradT) flush_columns(col_t, part_t, j0, lane % kRowLanes, args.num_classes);
@@ -280,17 +288,55 @@ __device__ __forceinline__ void run_strip(const PairArgs<T>& args, const T* s_ro
     row_s[a] = T(0);
     row_t[a] = T(0);
   }
+  const int warp = threadIdx.x >> 5;
   if (d0 == 0) {
-    run_tile_pair<T, P, M, kGradT, true>(args, s_row, t_row, part_s, part_t, tile, xi, yi, mi, row_s, row_t, loss);
+    // On the diagonal, column group g costs 2g + 2 of the 8 row slots. Warp w of every CTA shares scheduler w of its
+    // SM, so the groups rotate over warps with the CTA and strip: each scheduler gets every group equally often.
+    const int group = (warp + static_cast<int>(blockIdx.x) + tile) % kWarps;
+    run_tile_pair<T, P, M, kGradT, true>(args, s_row, t_row, part_s, part_t, tile, xi, yi, mi, row_s, row_t, loss,
+                                         group);
   }
   for (int d = d0 == 0 ? 1 : d0; d < d1; ++d) {
     const int other = tile + d < args.tiles ? tile + d : tile + d - args.tiles;
     run_tile_pair<T, P, M, kGradT, false>(args, s_row, t_row, part_s, part_t, other, xi, yi, mi, row_s, row_t,
-                                              loss);
+                                              loss, warp);
   }
   // Every warp's column writes of this strip come before the row writes below (flush_rows starts with a barrier).
   flush_rows(row_s, part_s, tile, args.num_classes, shared.rows_s);
   if constexpr (kGradT) flush_rows(row_t, part_t, tile, args.num_classes, shared.rows_t);
+}
+
+// A kRowUnscaled row (kFast, some |k x| beyond half the largest float: absurd logits or k), done by the row's part 0
+// alone, its other parts leaving their zeroed slices: thread t owns channels i = t + kThreads n, the same channels it
+// zeroed, and sums over every j != i with the exact tanh of k (x_i - x_j), so each slice element has one writer and a
+// fixed order. Returns the thread's share of the loss sum (pairs i < j). Twice the pairs of the tiled path, on one CTA,
+// and the accurate tanh: slow, but only such rows pay it, and it keeps the op's contract for any k in range.
+template <typename T, TeacherMode M, bool kGradT>
+__device__ __forceinline__ double unscaled_row(const PairArgs<T>& args, const T* s_row, const T* t_row, T* part_s,
+                                            T* part_t) {
+  double loss = 0.0;
+  const T k = args.k;
+  for (int i = threadIdx.x; i < args.num_classes; i += kThreads) {
+    T sum_s = T(0), sum_t = T(0);
+    double conc = 0.0;
+    for (int j = 0; j < args.num_classes; ++j) {
+      const T ta = tanh_exact(k * (s_row[i] - s_row[j]));  // tanh(k * inf) = +-1: no NaN from finite logits
+      T tb;
+      if constexpr (M == TeacherMode::kSign) {
+        tb = sign_or_zero(t_row[i] - t_row[j]);
+      } else {
+        tb = tanh_exact(k * (t_row[i] - t_row[j]));
+      }
+      // j == i: ta = tb = 0 adds nothing. 1 - tanh^2 as in the fast path; tanhf is exactly +-1 in saturation.
+      sum_s += (T(1) - ta * ta) * tb;
+      if constexpr (kGradT) sum_t += ta * (T(1) - tb * tb);
+      if (j > i) conc += static_cast<double>(ta * tb);
+    }
+    part_s[i] = sum_s;
+    if constexpr (kGradT) part_t[i] = sum_t;
+    loss += conc;
+  }
+  return loss;
 }
 
 // One CTA: zero its slice, run its range of tile pairs strip by strip, write its loss sum.
@@ -300,7 +346,8 @@ __global__ void __launch_bounds__(kThreads) kendall_pairs_kernel(const PairArgs<
   const int64_t cta = blockIdx.x;
   const int64_t row = cta / args.parts;
   const int64_t part = cta - row * args.parts;
-  if (args.nonfinite[row]) return;  // the finalize kernel writes NaN over the whole row
+  const int32_t flags = args.nonfinite[row];
+  if (flags & kRowNonfinite) return;  // the finalize kernel writes NaN over the whole row
 
   const int num_classes = args.num_classes;
   T* part_s = args.grad_s + cta * num_classes;
@@ -316,13 +363,17 @@ __global__ void __launch_bounds__(kThreads) kendall_pairs_kernel(const PairArgs<
   const int64_t pairs = tile_pairs(args.tiles);
   const int64_t end = (part + 1) * pairs / args.parts;
   double loss = 0.0;
-  for (int64_t idx = part * pairs / args.parts; idx < end;) {
-    const Strip strip = strip_containing(idx, args.tiles);
-    const int d0 = static_cast<int>(idx - strip.first);
-    const int d1 = static_cast<int>(d0 + (end - idx) < strip.length ? d0 + (end - idx) : strip.length);
-    run_strip<T, P, M, kGradT>(args, s_row, t_row, part_s, part_t, static_cast<int>(strip.tile), d0, d1, loss,
-                                   shared);
-    idx = strip.first + d1;
+  if (P == Precision::kFast && (flags & kRowUnscaled)) {
+    if (part == 0) loss = unscaled_row<T, M, kGradT>(args, s_row, t_row, part_s, part_t);
+  } else {
+    for (int64_t idx = part * pairs / args.parts; idx < end;) {
+      const Strip strip = strip_containing(idx, args.tiles);
+      const int d0 = static_cast<int>(idx - strip.first);
+      const int d1 = static_cast<int>(d0 + (end - idx) < strip.length ? d0 + (end - idx) : strip.length);
+      run_strip<T, P, M, kGradT>(args, s_row, t_row, part_s, part_t, static_cast<int>(strip.tile), d0, d1, loss,
+                                 shared);
+      idx = strip.first + d1;
+    }
   }
 
   for (int mask = 16; mask > 0; mask >>= 1) loss += shuffle_xor(loss, mask);

@@ -11,34 +11,50 @@ namespace cuda {
 
 // ---- prepare --------------------------------------------------------------------------------------------------------
 
-// Prescaled logits are clamped to half the largest finite value, so that k s never overflows and any difference of
-// two of them stays finite (inf - inf would be NaN). tanh saturates long before, so only absurd logits are affected.
+// Prescaled logits (Precision::kFast) are k x. Where |k x| would exceed half the largest finite value for some logit
+// of the row (k up to 3.4e38 is in the op's contract), the row is stored unscaled and flagged kRowUnscaled: the pair
+// kernel then evaluates it with k (x_i - x_j) as the exact path does (see kendall_pairs.cuh). Clamping k x instead
+// would turn every pair of two clamped logits into a tie. Below the limit any difference of two stays finite.
 template <typename T>
-__device__ __forceinline__ T prescale(T v, T k) {
+__device__ __forceinline__ bool prescale_fits(T v, T k) {
   constexpr T kLimit = std::numeric_limits<T>::max() / 2;
-  const T x = k * v;
-  return x < -kLimit ? -kLimit : (x > kLimit ? kLimit : x);
+  return fabs(k * v) <= kLimit;  // false for an overflow to inf
 }
 
+// prescale_s / prescale_t: multiply the student / teacher logits by k (kFast; the teacher only with the tanh teacher:
+// sign(t_i - t_j) needs no k, and k t_i - k t_j could round or underflow two different logits into a tie).
 template <typename scalar_t, typename T>
 __global__ void __launch_bounds__(kThreads)
     kendall_prepare_kernel(const scalar_t* __restrict__ student, const scalar_t* __restrict__ teacher,
-                           int64_t num_classes, int64_t padded, T k, bool prescaled, T* __restrict__ prepared_s,
-                           T* __restrict__ prepared_t, int32_t* __restrict__ nonfinite) {
+                           int64_t num_classes, int64_t padded, T k, bool prescale_s, bool prescale_t,
+                           T* __restrict__ prepared_s, T* __restrict__ prepared_t, int32_t* __restrict__ flags) {
   const int64_t row = blockIdx.x;
   bool finite = true;
+  bool fits = true;
   for (int64_t c = threadIdx.x; c < padded; c += kThreads) {
     T s = T(0), t = T(0);
     if (c < num_classes) {
       s = static_cast<T>(student[row * num_classes + c]);
       t = static_cast<T>(teacher[row * num_classes + c]);
       finite = finite && isfinite(s) && isfinite(t);
+      // A non-finite logit's row becomes NaN whatever is stored; only finite logits decide the scaling.
+      fits = fits && (!prescale_s || !isfinite(s) || prescale_fits(s, k)) &&
+             (!prescale_t || !isfinite(t) || prescale_fits(t, k));
     }
-    prepared_s[row * padded + c] = prescaled ? prescale(s, k) : s;
-    prepared_t[row * padded + c] = prescaled ? prescale(t, k) : t;
+    prepared_s[row * padded + c] = prescale_s ? k * s : s;
+    prepared_t[row * padded + c] = prescale_t ? k * t : t;
   }
   const int any_nonfinite = __syncthreads_or(!finite);
-  if (threadIdx.x == 0) nonfinite[row] = any_nonfinite;
+  const int any_overflow = __syncthreads_or(!fits);
+  if (any_overflow && !any_nonfinite) {  // rare: store the row unscaled (each thread rewrites its own elements)
+    for (int64_t c = threadIdx.x; c < num_classes; c += kThreads) {
+      prepared_s[row * padded + c] = static_cast<T>(student[row * num_classes + c]);
+      prepared_t[row * padded + c] = static_cast<T>(teacher[row * num_classes + c]);
+    }
+  }
+  if (threadIdx.x == 0) {
+    flags[row] = (any_nonfinite ? kRowNonfinite : 0) | (any_overflow && !any_nonfinite ? kRowUnscaled : 0);
+  }
 }
 
 // ---- finalize -------------------------------------------------------------------------------------------------------
@@ -48,7 +64,7 @@ struct FinalizeArgs {
   const T* part_s;  // (rows * parts, C); may be out_s itself when parts == 1
   const T* part_t;  // likewise, or nullptr
   const double* loss_part;
-  const int32_t* nonfinite;
+  const int32_t* nonfinite;  // row flags (kRowNonfinite)
   T* out_s;  // (rows, C) or nullptr when the student gradient is not wanted
   T* out_t;  // likewise
   T* loss;   // (rows,)
@@ -74,7 +90,7 @@ __global__ void __launch_bounds__(256) kendall_finalize_kernel(const FinalizeArg
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = e / args.num_classes;
     const int64_t c = e - row * args.num_classes;
-    const bool bad = args.nonfinite[row];
+    const bool bad = args.nonfinite[row] & kRowNonfinite;
     if (args.out_s) {
       args.out_s[e] = bad ? nan : args.grad_scale * sum_parts(args.part_s, row, c, args.parts, args.num_classes);
     }

@@ -22,14 +22,17 @@ __device__ __forceinline__ float tanh_exact(float x) { return ::tanhf(x); }
 __device__ __noinline__ inline double tanh_exact(double x) { return ::tanh(x); }
 
 // One MUFU.TANH. Written as PTX so that it does not depend on --use_fast_math, which this project does not pass.
-// Beyond |x| = 9.02, where tanhf itself rounds to +-1, the result is pinned to exactly +-1: the PTX spec does not
-// promise the hardware saturates exactly, and sech^2 = 1 - tanh^2 would otherwise pick up a bias from each of the
-// many saturated pairs of a widely spread row (two ALU instructions, off the special-function unit).
+// kPin: beyond |x| = 9.02, where tanhf itself rounds to +-1, the result is pinned to exactly +-1, for the tanh values
+// whose sech^2 = 1 - tanh^2 is taken: the PTX spec does not promise the hardware saturates exactly, and sech^2 would
+// otherwise pick up a bias from each of the many saturated pairs of a widely spread row. A tanh that only enters
+// products is off by its relative error either way and goes unpinned (two ALU instructions fewer).
+template <bool kPin>
 __device__ __forceinline__ float tanh_approx(float x) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
   float y;
   asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return fabsf(x) >= 9.02f ? copysignf(1.0f, x) : y;
+  if constexpr (kPin) return fabsf(x) >= 9.02f ? copysignf(1.0f, x) : y;
+  return y;
 #else
   return ::tanhf(x);
 #endif

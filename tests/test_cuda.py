@@ -73,8 +73,9 @@ def test_float32_matches_float64(precision, rows, n, teacher_mode):
 @needs_cuda
 @PRECISION
 @pytest.mark.parametrize("grad_student,grad_teacher", [(True, False), (False, True), (False, False)])
-def test_each_gradient_alone(precision, grad_student, grad_teacher):
-    student, teacher = cuda_logits(6, 300), cuda_logits(6, 300)
+@pytest.mark.parametrize("rows,n", [(6, 300), (600, 50)])  # several CTAs per row; one (the pair kernel finalizes)
+def test_each_gradient_alone(precision, grad_student, grad_teacher, rows, n):
+    student, teacher = cuda_logits(rows, n), cuda_logits(rows, n)
     loss, grad_s, grad_t = kendall_rank(student, teacher, 1.3, "tanh", precision, grad_student, grad_teacher)
     ref_loss, ref_grad_s, ref_grad_t = expected_outputs(student, teacher, 1.3, "tanh")
     assert rel_err(loss, ref_loss) <= LOSS_TOL[precision]
@@ -103,6 +104,109 @@ def test_saturated_and_near_zero_logits(precision, scale, teacher_mode):
     # tanh that stops short of +-1 would show. 1e-4: every tanh is tiny, so relative accuracy near 0 shows.
     student, teacher = cuda_logits(4, 1000, scale=scale), cuda_logits(4, 1000, scale=scale)
     check_against_float64(student, teacher, 1.0, teacher_mode, precision, LOSS_TOL[precision], GRAD_TOL[precision])
+
+
+@needs_cuda
+@pytest.mark.parametrize("teacher_mode", ["tanh", "sign"])
+def test_fully_saturated_rows_have_exactly_zero_gradients(teacher_mode):
+    # Every |k (x_i - x_j)| >= 10 (logits 10 apart, k = 1): sech^2 rounds to 0 in float32, so the fast path's pinned
+    # tanh must give exactly zero gradients; a tanh stopping short of +-1 would leave 1 - tanh^2 > 0 in every pair.
+    base = 10.0 * torch.arange(300, dtype=torch.float32, device="cuda")
+    student = base[torch.randperm(300, device="cuda")].repeat(3, 1)
+    teacher = base[torch.randperm(300, device="cuda")].repeat(3, 1)
+    _, grad_s, grad_t = kendall_rank(student, teacher, 1.0, teacher_mode, "fast", True, teacher_mode == "tanh")
+    assert torch.equal(grad_s, torch.zeros_like(grad_s))
+    if teacher_mode == "tanh":
+        assert torch.equal(grad_t, torch.zeros_like(grad_t))
+
+
+def extreme_case(name, rows=3, n=37):
+    """(student, teacher, k, teacher modes) at the edges of the op's contract, float32 CUDA logits (the cases of
+    test_triton.py's extreme_case). The fast path multiplies the logits by k once (prepare); these check its guards:
+    a row where some |k x| would overflow is evaluated unscaled (all its work on the row's first CTA), the sign
+    teacher is never scaled, and sign(0) = 0."""
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    def randn(scale):
+        return (scale * torch.randn(rows, n, generator=g, dtype=torch.float64)).float()
+    if name == "k_max":
+        s, t, k, modes = randn(3.0), randn(3.0), 3.4e38, ("tanh", "sign")
+    elif name == "k_huge_tiny_logits":  # logits stay normal floats: no denormal flushing question
+        s, t, k, modes = randn(3e-33), randn(3e-33), 1e33, ("tanh", "sign")
+    elif name == "k_min_huge_logits":
+        s, t, k, modes = randn(3e36), randn(3e36), 2.0 ** -126, ("tanh", "sign")
+    elif name == "absurd_logits":
+        s, t, k, modes = randn(3.0), randn(3.0), 1.0, ("tanh", "sign")
+        s[1, :4] = torch.tensor([3e38, 2e38, -2e38, -3e38])
+        t[1, 5:9] = torch.tensor([3e38, 2.5e38, -2e38, -3e38])
+    elif name == "sign_teacher_underflow":
+        s = randn(3e30)
+        t = 1e-10 * torch.randint(0, 6, (rows, n), generator=g).float() * (
+            1 + 1e-6 * torch.randint(0, 2, (rows, n), generator=g))
+        k, modes = 1e-30, ("sign",)
+    elif name == "ties":
+        s = torch.randint(-2, 3, (rows, n), generator=g).float()
+        t = torch.randint(-2, 3, (rows, n), generator=g).float()
+        t[t == 0] = torch.where(torch.arange(n) % 2 == 0, 0.0, -0.0).expand(rows, n)[t == 0]
+        k, modes = 0.7, ("tanh", "sign")
+    else:
+        raise ValueError(name)
+    return s.cuda(), t.cuda(), k, modes
+
+
+EXTREME = [(name, mode, rows, n) for name, rows, n in [
+    ("k_max", 3, 37), ("k_huge_tiny_logits", 3, 37), ("k_min_huge_logits", 3, 37), ("absurd_logits", 3, 37),
+    ("absurd_logits", 2, 1001), ("sign_teacher_underflow", 3, 37), ("ties", 3, 37), ("ties", 2, 1001)]
+    for mode in ("tanh", "sign") if name != "sign_teacher_underflow" or mode == "sign"]
+
+
+@needs_cuda
+@PRECISION
+@pytest.mark.parametrize("name,teacher_mode,rows,n", EXTREME, ids=[f"{e[0]}-{e[1]}-{e[2]}x{e[3]}" for e in EXTREME])
+def test_extreme_k_and_logits_keep_the_contract(precision, name, teacher_mode, rows, n):
+    student, teacher, k, _ = extreme_case(name, rows, n)
+    grad_teacher = teacher_mode == "tanh"
+    loss, grad_s, grad_t = kendall_rank(student, teacher, k, teacher_mode, precision, True, grad_teacher)
+    ref_loss, ref_grad_s, ref_grad_t = expected_outputs(student, teacher, k, teacher_mode)
+    assert torch.isfinite(loss).all() and rel_err(loss, ref_loss) <= LOSS_TOL[precision]
+    for grad, ref in ((grad_s, ref_grad_s),) + (((grad_t, ref_grad_t),) if grad_teacher else ()):
+        assert torch.isfinite(grad).all()
+        if ref.norm() == 0:  # every pair saturated (k = 3.4e38): exactly zero
+            assert torch.equal(grad, torch.zeros_like(grad))
+        elif ref.abs().max() < 1e-30:  # k = 2^-126: float32 holds a subnormal or 0
+            assert grad.abs().max() < 1e-30
+        else:
+            assert rel_err(grad, ref) <= GRAD_TOL[precision]
+
+
+@needs_cuda
+def test_overflowing_row_with_non_finite_logit_is_nan():
+    student, teacher, _, _ = extreme_case("absurd_logits", 3, 300)
+    student[1, 10] = float("nan")
+    loss, grad_s, grad_t = kendall_rank(student, teacher, 1.0, "tanh", "fast", True, True)
+    assert torch.isnan(loss[1]) and torch.isnan(grad_s[1]).all() and torch.isnan(grad_t[1]).all()
+    ref_loss, ref_grad_s, _ = expected_outputs(student[[0, 2]], teacher[[0, 2]], 1.0, "tanh")
+    assert rel_err(loss[[0, 2]], ref_loss) <= LOSS_TOL["fast"] and rel_err(grad_s[[0, 2]], ref_grad_s) <= 2e-3
+
+
+@needs_cuda
+@pytest.mark.xfail(strict=False, reason="a question, not a rule: XPASS = MUFU.TANH itself returns exactly +-1 beyond "
+                                        "|x| = 9.02, so the kernels' pin (kendall_tanh.cuh) could go")
+def test_hardware_tanh_saturates():
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    @triton.jit
+    def raw_tanh(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n)
+        y = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+        tl.store(y_ptr + offs, y, mask=offs < n)
+
+    magnitude = torch.linspace(9.02, 100.0, 1 << 20, device="cuda")
+    x = torch.cat([magnitude, -magnitude])
+    y = torch.empty_like(x)
+    raw_tanh[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    assert torch.equal(y, torch.sign(x))
 
 
 @needs_cuda

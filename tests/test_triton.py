@@ -239,3 +239,132 @@ def test_gpu_half_inputs(dtype):
     out = triton_kendall.kendall_rank(student, teacher, 1.0, "tanh", "fast", True, False)
     assert all(x.dtype == torch.float32 for x in out)
     check_close(out, reference_outputs(student, teacher, 1.0, "tanh"), 2e-3, grad_teacher=False)
+
+
+# ---- the fast path's scaling (logits times k at load), in the interpreter too ------------------------------------
+# The interpreter cannot run tanh.approx, but prescale=True runs the fast path's scaling (and its per-row fallback to
+# k (x_i - x_j) where k x would overflow) with the exact tanh, so these cases exercise that code everywhere. On a GPU
+# the same cases also run the real fast path (precision "fast", default prescale).
+
+def extreme_case(name, device=DEVICE):
+    """(student, teacher, k, teacher modes) of a case at the edges of the op's contract, float32 (3, 37) logits."""
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    def randn(scale):
+        return (scale * torch.randn(3, 37, generator=g, dtype=torch.float64)).float()
+    if name == "k_max":  # every distinct pair saturated: loss = Kendall's tau of the signs, gradients exactly 0
+        s, t, k, modes = randn(3.0), randn(3.0), 3.4e38, ("tanh", "sign")
+    elif name == "k_huge_tiny_logits":  # k x ~ 3: unsaturated pairs at k = 1e33 (logits stay normal floats)
+        s, t, k, modes = randn(3e-33), randn(3e-33), 1e33, ("tanh", "sign")
+    elif name == "k_min_huge_logits":  # k = 2^-126 with k x ~ 3: the loss is meaningful, the gradients ~1e-40
+        s, t, k, modes = randn(3e36), randn(3e36), 2.0 ** -126, ("tanh", "sign")
+    elif name == "absurd_logits":  # row 1 holds logits whose k x overflows: two of one sign must not tie
+        s, t, k, modes = randn(3.0), randn(3.0), 1.0, ("tanh", "sign")
+        s[1, :4] = torch.tensor([3e38, 2e38, -2e38, -3e38])
+        t[1, 5:9] = torch.tensor([3e38, 2.5e38, -2e38, -3e38])
+    elif name == "sign_teacher_underflow":  # k t would underflow and round distinct teacher logits into ties
+        s = randn(3e30)
+        t = 1e-10 * torch.randint(0, 6, (3, 37), generator=g).float() * (1 + 1e-6 * torch.randint(0, 2, (3, 37),
+                                                                                                     generator=g))
+        k, modes = 1e-30, ("sign",)
+    elif name == "ties":  # exact ties in both, +0.0 against -0.0: sign(0) = 0, tanh(0) = 0
+        s = torch.randint(-2, 3, (3, 37), generator=g).float()
+        t = torch.randint(-2, 3, (3, 37), generator=g).float()
+        t[t == 0] = torch.where(torch.arange(37) % 2 == 0, 0.0, -0.0).expand(3, 37)[t == 0]
+        k, modes = 0.7, ("tanh", "sign")
+    else:
+        raise ValueError(name)
+    return s.to(device), t.to(device), k, modes
+
+
+EXTREME_CASES = ["k_max", "k_huge_tiny_logits", "k_min_huge_logits", "absurd_logits", "sign_teacher_underflow",
+                 "ties"]
+EXTREME = [(name, mode) for name in EXTREME_CASES for mode in extreme_case(name, "cpu")[3]]
+
+
+def check_extreme(outputs, expected, loss_tol, grad_tol, grad_teacher):
+    """check_close, where a float64 gradient below 1e-30 (k = 2^-126: float32 holds it as a subnormal or 0) only
+    needs a result as small, and a zero one (every pair saturated) an exact zero."""
+    loss, grad_s, grad_t = outputs
+    ref_loss, ref_grad_s, ref_grad_t = expected
+    assert torch.isfinite(loss).all() and rel_err(loss, ref_loss) <= loss_tol
+    for grad, ref in ((grad_s, ref_grad_s),) + (((grad_t, ref_grad_t),) if grad_teacher else ()):
+        assert grad.shape == ref.shape and torch.isfinite(grad).all()
+        if ref.norm() == 0:
+            assert torch.equal(grad, torch.zeros_like(grad))
+        elif ref.abs().max() < 1e-30:
+            assert grad.abs().max() < 1e-30
+        else:
+            assert rel_err(grad, ref) <= grad_tol
+
+
+@pytest.mark.parametrize("name,teacher_mode", EXTREME, ids=[f"{n}-{m}" for n, m in EXTREME])
+@pytest.mark.parametrize("parts", [1, 2])
+def test_prescaled_path_keeps_the_contract_at_extreme_k(name, teacher_mode, parts):
+    student, teacher, k, _ = extreme_case(name)
+    grad_teacher = teacher_mode == "tanh"
+    out = triton_kendall.kendall_rank(student, teacher, k, teacher_mode, "fast", True, grad_teacher, parts=parts,
+                                      prescale=True, block_i=8, block_j=16)
+    tol = 2e-3 if DEVICE == "cuda" else 1e-4  # the GPU's "fast" runs tanh.approx
+    check_extreme(out, reference_outputs(student, teacher, k, teacher_mode), tol / 10, tol, grad_teacher)
+
+
+@pytest.mark.parametrize("n", [2, 3, 37, 1001])
+@pytest.mark.parametrize("teacher_mode", ["tanh", "sign"])
+def test_prescaled_path_padding_adds_nothing(n, teacher_mode):
+    # Channels past C in the last panel and block (C = 2, 3: one partial block; 1001: ragged) must add exactly zero.
+    student, teacher = logits(2, n), logits(2, n)
+    grad_teacher = teacher_mode == "tanh"
+    out = triton_kendall.kendall_rank(student, teacher, 1.3, teacher_mode, "fast", True, grad_teacher, prescale=True,
+                                      parts=1 if n < 37 else 3)
+    tol = 2e-3 if DEVICE == "cuda" else 1e-4
+    check_close(out, reference_outputs(student, teacher, 1.3, teacher_mode), tol, grad_teacher=grad_teacher)
+
+
+@pytest.mark.parametrize("precision", ["fast", "exact"])
+def test_fully_saturated_rows_have_exactly_zero_gradients(precision):
+    # Logits 100 apart at k = 1: sech^2 is 0 in float32 for every pair (exact path: exp(-200) = 0; fast: the pin).
+    base = 100.0 * torch.arange(40, dtype=torch.float32)
+    student = base[torch.randperm(40)].repeat(2, 1).to(DEVICE)
+    teacher = base[torch.randperm(40)].repeat(2, 1).to(DEVICE)
+    for mode in ("tanh", "sign"):
+        _, grad_s, grad_t = triton_kendall.kendall_rank(student, teacher, 1.0, mode, precision, True, mode == "tanh",
+                                                        prescale=precision == "fast")
+        assert torch.equal(grad_s, torch.zeros_like(grad_s))
+        if mode == "tanh":
+            assert torch.equal(grad_t, torch.zeros_like(grad_t))
+
+
+def test_prescaled_path_non_finite_rows_give_nan():
+    student, teacher, _, _ = extreme_case("absurd_logits")
+    student[1, 10] = float("nan")  # the row that would also take the unscaled fallback
+    teacher[2, 3] = float("inf")
+    loss, grad_s, grad_t = triton_kendall.kendall_rank(student, teacher, 1.0, "tanh", "fast", True, True, parts=2,
+                                                       prescale=True, block_i=8, block_j=16)
+    assert torch.isnan(loss[1:]).all() and torch.isnan(grad_s[1:]).all() and torch.isnan(grad_t[1:]).all()
+    assert torch.isfinite(loss[0]) and torch.isfinite(grad_s[0]).all() and torch.isfinite(grad_t[0]).all()
+
+
+@needs_cuda
+@pytest.mark.parametrize("name,teacher_mode", EXTREME, ids=[f"{n}-{m}" for n, m in EXTREME])
+def test_gpu_fast_default_launch_at_extreme_k(name, teacher_mode):
+    # The shipped fast path (tanh.approx, default tiles and parts) on the same cases.
+    student, teacher, k, _ = extreme_case(name)
+    grad_teacher = teacher_mode == "tanh"
+    out = triton_kendall.kendall_rank(student, teacher, k, teacher_mode, "fast", True, grad_teacher)
+    check_extreme(out, reference_outputs(student, teacher, k, teacher_mode), 2e-4, 2e-3, grad_teacher)
+
+
+@needs_cuda
+@pytest.mark.parametrize("teacher_mode", ["tanh", "sign"])
+def test_gpu_fast_saturated_rows_have_exactly_zero_gradients(teacher_mode):
+    # Every |k (x_i - x_j)| >= 10: the pinned tanh must give exactly zero gradients (1 - tanh^2 of an unpinned
+    # tanh.approx could stop short of 0). Wide enough (300 channels) to take several panels and parts.
+    base = 10.0 * torch.arange(300, dtype=torch.float32, device="cuda")
+    student = base[torch.randperm(300, device="cuda")].repeat(3, 1)
+    teacher = base[torch.randperm(300, device="cuda")].repeat(3, 1)
+    for parts in (1, 5):
+        _, grad_s, grad_t = triton_kendall.kendall_rank(student, teacher, 1.0, teacher_mode, "fast", True,
+                                                        teacher_mode == "tanh", parts=parts)
+        assert torch.equal(grad_s, torch.zeros_like(grad_s))
+        if teacher_mode == "tanh":
+            assert torch.equal(grad_t, torch.zeros_like(grad_t))

@@ -24,8 +24,14 @@ instruction (about 2^-11 relative error by the PTX ISA's bound) and sech^2 as 1 
 2e-3 (relative norm) of float64 on logits of a realistic spread; strongly saturated pairs (|k (x_i - x_j)| beyond ~4)
 lose relative accuracy in sech^2. "exact" (tanh from the rational minimax fit of csrc/kendall_cpu_math.h, sech^2 from
 exp) stays within 1e-5 of float64 for loss and gradients, saturated logits included, for about five times the
-instructions per pair (sm_90 SASS: ~64 against ~12). The interpreter runs "fast" as "exact" (it has no inline
-assembly), and float64 logits are computed in float64 throughout, exactly."""
+instructions per pair (bench/kernel_report.py counts them). The interpreter runs "fast" as "exact" (it has no inline
+assembly), and float64 logits are computed in float64 throughout, exactly.
+
+Scaling. The fast path multiplies the logits by k as it loads them (one multiply per element, not per pair) where the
+row allows it: every |k x| of the row within half the largest float32, checked by each program first. Otherwise (k
+may be up to 3.4e38) the row runs the same loop on unscaled logits with k (x_i - x_j), as the exact path always does.
+The sign teacher's logits are never scaled: sign(t_i - t_j) needs no k. kendall_rank(prescale=True) switches the
+scaling on in the interpreter too, so that its code runs in the CPU tests."""
 import contextlib
 import functools
 import struct
@@ -45,12 +51,17 @@ _SMALL_PROBLEM = 1 << 22
 
 
 @triton.jit
-def _tanh(x, PRECISION_FAST: tl.constexpr):
+def _tanh(x, PRECISION_FAST: tl.constexpr, PIN: tl.constexpr):
     if PRECISION_FAST:
-        # One MUFU.TANH instruction, float32 only. Pinned to exactly +-1 beyond |x| = 9.02 (where float32 tanh rounds
-        # to +-1): the PTX spec does not promise exact saturation, and 1 - tanh^2 of every saturated pair would add up.
+        # One MUFU.TANH instruction, float32 only. PIN: exactly +-1 beyond |x| = 9.02 (where float32 tanh rounds to
+        # +-1), for the tanh values whose sech^2 = 1 - tanh^2 is taken: the PTX spec does not promise exact saturation,
+        # and 1 - tanh^2 of every saturated pair would add up. A value that only enters products needs no pin.
         y = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
-        return tl.where(tl.abs(x) >= 9.02, tl.where(x < 0, -1.0, 1.0), y)
+        if PIN:
+            # +-1 with x's sign from its bits: one logic op and a select instead of two compares and two selects.
+            one = (x.to(tl.int32, bitcast=True) & -0x80000000 | 0x3F800000).to(tl.float32, bitcast=True)
+            y = tl.where(tl.abs(x) >= 9.02, one, y)
+        return y
     elif x.dtype == tl.float64:
         # tanh|x| = (1 - e) / (1 + e) with e = exp(-2|x|) in (0, 1]: no overflow anywhere.
         e = tl.exp(-2.0 * tl.abs(x))
@@ -68,24 +79,42 @@ def _tanh(x, PRECISION_FAST: tl.constexpr):
 
 
 @triton.jit
-def _sech2(x, tanh_x, PRECISION_FAST: tl.constexpr):
-    """sech^2(x), given tanh_x = tanh(x)."""
-    if PRECISION_FAST:
-        return 1.0 - tanh_x * tanh_x  # one FMA, its error far below tanh.approx's
-    else:
-        # 4e / (1 + e)^2 with e = exp(-2|x|) keeps full relative accuracy in saturation. 1 - tanh^2 cannot: a float32
-        # tanh near +-1 is off by up to ulp(1) = 6e-8, while sech^2(9) is 6e-8, and a row of widely spread logits has
-        # many saturated pairs whose errors add up in every gradient entry.
-        e = tl.exp(-2.0 * tl.abs(x))
-        return 4.0 * e / ((1.0 + e) * (1.0 + e))
+def _sech2_exact(x):
+    """sech^2(x) as 4e / (1 + e)^2 with e = exp(-2|x|): full relative accuracy in saturation. 1 - tanh^2 cannot: a
+    float32 tanh near +-1 is off by up to ulp(1) = 6e-8, while sech^2(9) is 6e-8, and a row of widely spread logits has
+    many saturated pairs whose errors add up in every gradient entry."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    return 4.0 * e / ((1.0 + e) * (1.0 + e))
 
 
 @triton.jit
-def _load_logits(ptr, mask, acc_dtype: tl.constexpr):
-    """Logits in acc_dtype, non-finite ones replaced by 0 (the row is made NaN at the end), and which ones they were."""
+def _load_logits(ptr, mask, acc_dtype: tl.constexpr, k, PRESCALE: tl.constexpr):
+    """Logits in acc_dtype, non-finite ones replaced by 0 (the row is made NaN at the end), and which ones they were.
+    PRESCALE multiplies by k: only on rows where every |k x| stays within _PRESCALE_LIMIT (_prescale_fits)."""
     x = tl.load(ptr, mask=mask, other=0.0).to(acc_dtype)
     finite = tl.abs(x) < float("inf")  # false for +-inf and NaN
-    return tl.where(finite, x, 0.0), (~finite).to(tl.int32)
+    x = tl.where(finite, x, 0.0)
+    if PRESCALE:
+        x = x * k
+    return x, (~finite).to(tl.int32)
+
+
+@triton.jit
+def _prescale_fits(student_row, teacher_row, num_classes, k, acc_dtype: tl.constexpr, TEACHER_TOO: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """Whether every finite |k x| of the row (student; teacher too with TEACHER_TOO) is at most half the largest
+    float32, so that k x never overflows and any difference k x_i - k x_j stays finite. k up to 3.4e38 is in the op's
+    contract; a row where this fails is evaluated unscaled, as k (x_i - x_j) (clamping k x instead would make every
+    pair of two clamped logits a tie)."""
+    largest = tl.zeros([BLOCK], acc_dtype)
+    for c0 in range(0, num_classes, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        s, _ = _load_logits(student_row + cols, cols < num_classes, acc_dtype, k, False)
+        largest = tl.maximum(largest, tl.abs(s * k))  # inf where k s overflows
+        if TEACHER_TOO:
+            t, _ = _load_logits(teacher_row + cols, cols < num_classes, acc_dtype, k, False)
+            largest = tl.maximum(largest, tl.abs(t * k))
+    return tl.max(largest, axis=0) <= 1.7e38
 
 
 @triton.jit
@@ -97,34 +126,115 @@ def _add_into(ptr, values, mask):
 def _pair_block(grad_s_row, grad_t_row, num_classes, k, col_scale, offs_i, s_i, t_i, offs_j, s_j, t_j,
                 concordance, row_gs, row_gt,
                 MASKED: tl.constexpr, TEACHER_MODE_SIGN: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
-                PRECISION_FAST: tl.constexpr):
+                PRECISION_FAST: tl.constexpr, SCALED: tl.constexpr):
     """The pairs (i, j) of one block, i in offs_i (logits s_i, t_i), j in offs_j (logits s_j, t_j): adds their
     concordance into concordance (per column), their i-end gradient terms into the 2-D tiles row_gs, row_gt, and
     their j-end terms, summed over i and times col_scale, into the gradients at offs_j. MASKED keeps only the pairs
-    i < j < C."""
-    x_s = (s_i[:, None] - s_j[None, :]) * k
+    i < j < C. SCALED: the logits come times k (_load_logits; the teacher's only with the tanh teacher), one multiply
+    per element instead of one per pair."""
+    x_s = s_i[:, None] - s_j[None, :]
     x_t = t_i[:, None] - t_j[None, :]
-    a = _tanh(x_s, PRECISION_FAST)
+    if not SCALED:
+        x_s = x_s * k
+    a = _tanh(x_s, PRECISION_FAST, GRAD_S)
     if TEACHER_MODE_SIGN:
-        b = (x_t > 0).to(x_t.dtype) - (x_t < 0).to(x_t.dtype)
+        if x_t.dtype == tl.float32:
+            # sign(x) with sign(0) = 0 from the bits: +-1 with x's sign, zeroed by one select where x == 0.
+            one = (x_t.to(tl.int32, bitcast=True) & -0x80000000 | 0x3F800000).to(tl.float32, bitcast=True)
+            b = tl.where(x_t == 0, 0.0, one)
+        else:
+            b = (x_t > 0).to(x_t.dtype) - (x_t < 0).to(x_t.dtype)
     else:
-        x_t = x_t * k
-        b = _tanh(x_t, PRECISION_FAST)
+        if not SCALED:
+            x_t = x_t * k
+        b = _tanh(x_t, PRECISION_FAST, GRAD_T)
     if MASKED:
         # Zero tanh values make every term of a dropped pair exactly zero.
         keep = (offs_j[None, :] > offs_i[:, None]) & (offs_j[None, :] < num_classes)
         a = tl.where(keep, a, 0.0)
         b = tl.where(keep, b, 0.0)
-    concordance += tl.sum(a * b, axis=0)
+    p = a * b
+    concordance += tl.sum(p, axis=0)
     if GRAD_S:
-        d_s = _sech2(x_s, a, PRECISION_FAST) * b  # sech^2(k (s_i - s_j)) g(t_i - t_j), odd in (i, j)
+        # sech^2(k (s_i - s_j)) g(t_i - t_j), odd in (i, j); fast: (1 - a^2) b = b - a p, one FMA on the loss's product
+        d_s = b - a * p if PRECISION_FAST else _sech2_exact(x_s) * b
         row_gs += d_s
         _add_into(grad_s_row + offs_j, tl.sum(d_s, axis=0) * col_scale, offs_j < num_classes)
     if GRAD_T:
-        d_t = a * _sech2(x_t, b, PRECISION_FAST)  # tanh(k (s_i - s_j)) sech^2(k (t_i - t_j)), odd in (i, j)
+        # tanh(k (s_i - s_j)) sech^2(k (t_i - t_j)), odd in (i, j)
+        d_t = a - b * p if PRECISION_FAST else a * _sech2_exact(x_t)
         row_gt += d_t
         _add_into(grad_t_row + offs_j, tl.sum(d_t, axis=0) * col_scale, offs_j < num_classes)
     return concordance, row_gs, row_gt
+
+
+@triton.jit
+def _part_pairs(student_row, teacher_row, grad_s_row, grad_t_row, num_classes, part, n_parts, k, grad_scale,
+                acc_dtype: tl.constexpr, TEACHER_MODE_SIGN: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+                PRECISION_FAST: tl.constexpr, SCALED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """The pairs of the row's panels dealt to `part`: returns the per-column concordance sums and the count of
+    non-finite logits in its panels; adds the gradient sums into the part's (zeroed) slices. SCALED: logits times k
+    at load (see _pair_block)."""
+    i_range = tl.arange(0, BLOCK_I)
+    j_range = tl.arange(0, BLOCK_J)
+    concordance = tl.zeros([BLOCK_J], acc_dtype)  # sum over the program's pairs of tanh_s * g, per block column
+    non_finite = tl.zeros([BLOCK_I], tl.int32)  # count of non-finite logits in the program's panels
+    n_panels = tl.cdiv(num_classes, BLOCK_I)
+    for deal in range(0, tl.cdiv(n_panels, n_parts)):
+        # Panels go to parts in snake order (0..P-1, then P-1..0, ...): panel I pairs with the C - I * BLOCK_I
+        # channels from its start on, and snaking evens out the parts' shares of that triangle.
+        panel = deal * n_parts + tl.where(deal % 2 == 0, part, n_parts - 1 - part)
+        if panel < n_panels:
+            if GRAD_S or GRAD_T:
+                tl.debug_barrier()  # the previous panel's read-modify-writes (or the zero fill) land first
+            offs_i = panel * BLOCK_I + i_range
+            mask_i = offs_i < num_classes
+            s_i, s_bad = _load_logits(student_row + offs_i, mask_i, acc_dtype, k, SCALED)
+            t_i, t_bad = _load_logits(teacher_row + offs_i, mask_i, acc_dtype, k, SCALED and not TEACHER_MODE_SIGN)
+            non_finite += s_bad + t_bad
+            row_gs = tl.zeros([BLOCK_I, BLOCK_J], acc_dtype)
+            row_gt = tl.zeros([BLOCK_I, BLOCK_J], acc_dtype)
+            first_col = panel * BLOCK_I
+            # The diagonal block (pairs within the panel, i < j), then full blocks, then the block crossing C, if any
+            # and if it is not the diagonal block. Only the first and last need masks.
+            tail = num_classes - (num_classes - first_col) % BLOCK_J
+            offs_j = first_col + j_range
+            s_j, _ = _load_logits(student_row + offs_j, offs_j < num_classes, acc_dtype, k, SCALED)
+            t_j, _ = _load_logits(
+                teacher_row + offs_j, offs_j < num_classes, acc_dtype, k, SCALED and not TEACHER_MODE_SIGN)
+            concordance, row_gs, row_gt = _pair_block(
+                grad_s_row, grad_t_row, num_classes, k, -grad_scale, offs_i, s_i, t_i, offs_j, s_j, t_j,
+                concordance, row_gs, row_gt, True, TEACHER_MODE_SIGN, GRAD_S, GRAD_T, PRECISION_FAST, SCALED)
+            # Each full block's logits are loaded one block ahead, so the loads' latency hides behind the math.
+            offs_next = first_col + BLOCK_J + j_range
+            s_next, _ = _load_logits(student_row + offs_next, offs_next < tail, acc_dtype, k, SCALED)
+            t_next, _ = _load_logits(
+                teacher_row + offs_next, offs_next < tail, acc_dtype, k, SCALED and not TEACHER_MODE_SIGN)
+            for j0 in range(first_col + BLOCK_J, tail, BLOCK_J):
+                s_j, t_j = s_next, t_next
+                offs_next = j0 + BLOCK_J + j_range
+                s_next, _ = _load_logits(student_row + offs_next, offs_next < tail, acc_dtype, k, SCALED)
+                t_next, _ = _load_logits(
+                    teacher_row + offs_next, offs_next < tail, acc_dtype, k, SCALED and not TEACHER_MODE_SIGN)
+                concordance, row_gs, row_gt = _pair_block(
+                    grad_s_row, grad_t_row, num_classes, k, -grad_scale, offs_i, s_i, t_i, j0 + j_range, s_j, t_j,
+                    concordance, row_gs, row_gt, False, TEACHER_MODE_SIGN, GRAD_S, GRAD_T, PRECISION_FAST, SCALED)
+            if (tail > first_col) & (tail < num_classes):
+                offs_j = tail + j_range
+                s_j, _ = _load_logits(student_row + offs_j, offs_j < num_classes, acc_dtype, k, SCALED)
+                t_j, _ = _load_logits(
+                    teacher_row + offs_j, offs_j < num_classes, acc_dtype, k, SCALED and not TEACHER_MODE_SIGN)
+                concordance, row_gs, row_gt = _pair_block(
+                    grad_s_row, grad_t_row, num_classes, k, -grad_scale, offs_i, s_i, t_i, offs_j, s_j, t_j,
+                    concordance, row_gs, row_gt, True, TEACHER_MODE_SIGN, GRAD_S, GRAD_T, PRECISION_FAST, SCALED)
+            if GRAD_S or GRAD_T:
+                tl.debug_barrier()  # the diagonal block's column sums went to this panel's own channels
+            if GRAD_S:
+                _add_into(grad_s_row + offs_i, tl.sum(row_gs, axis=1) * grad_scale, mask_i)
+            if GRAD_T:
+                _add_into(grad_t_row + offs_i, tl.sum(row_gt, axis=1) * grad_scale, mask_i)
+
+    return concordance, non_finite
 
 
 # num_classes is not specialized (on divisibility by 16): that would compile a kernel per kind of C and buy nothing.
@@ -132,7 +242,7 @@ def _pair_block(grad_s_row, grad_t_row, num_classes, k, col_scale, offs_i, s_i, 
 def _kendall_pairs_kernel(
     student_ptr, teacher_ptr, loss_ptr, grad_s_ptr, grad_t_ptr, num_classes, loss_base, k_hi, k_lo,
     TEACHER_MODE_SIGN: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, PRECISION_FAST: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    PRESCALE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     """Program (row, part): the pairs of the row's panels dealt to `part` (of num_programs(1) parts).
 
@@ -156,7 +266,6 @@ def _kendall_pairs_kernel(
     teacher_row = teacher_ptr + row * num_classes
     grad_s_row = grad_s_ptr + (row * n_parts + part) * num_classes
     grad_t_row = grad_t_ptr + (row * n_parts + part) * num_classes
-    i_range = tl.arange(0, BLOCK_I)
     j_range = tl.arange(0, BLOCK_J)
 
     if GRAD_S or GRAD_T:
@@ -167,58 +276,20 @@ def _kendall_pairs_kernel(
             if GRAD_T:
                 tl.store(grad_t_row + cols, tl.zeros([BLOCK_J], acc_dtype), mask=cols < num_classes)
 
-    concordance = tl.zeros([BLOCK_J], acc_dtype)  # sum over the program's pairs of tanh_s * g, per block column
-    non_finite = tl.zeros([BLOCK_I], tl.int32)  # count of non-finite logits in the program's panels
-    n_panels = tl.cdiv(num_classes, BLOCK_I)
-    for deal in range(0, tl.cdiv(n_panels, n_parts)):
-        # Panels go to parts in snake order (0..P-1, then P-1..0, ...): panel I pairs with the C - I * BLOCK_I
-        # channels from its start on, and snaking evens out the parts' shares of that triangle.
-        panel = deal * n_parts + tl.where(deal % 2 == 0, part, n_parts - 1 - part)
-        if panel < n_panels:
-            if GRAD_S or GRAD_T:
-                tl.debug_barrier()  # the previous panel's read-modify-writes (or the zero fill) land first
-            offs_i = panel * BLOCK_I + i_range
-            mask_i = offs_i < num_classes
-            s_i, s_bad = _load_logits(student_row + offs_i, mask_i, acc_dtype)
-            t_i, t_bad = _load_logits(teacher_row + offs_i, mask_i, acc_dtype)
-            non_finite += s_bad + t_bad
-            row_gs = tl.zeros([BLOCK_I, BLOCK_J], acc_dtype)
-            row_gt = tl.zeros([BLOCK_I, BLOCK_J], acc_dtype)
-            first_col = panel * BLOCK_I
-            # The diagonal block (pairs within the panel, i < j), then full blocks, then the block crossing C, if any
-            # and if it is not the diagonal block. Only the first and last need masks.
-            tail = num_classes - (num_classes - first_col) % BLOCK_J
-            offs_j = first_col + j_range
-            s_j, _ = _load_logits(student_row + offs_j, offs_j < num_classes, acc_dtype)
-            t_j, _ = _load_logits(teacher_row + offs_j, offs_j < num_classes, acc_dtype)
-            concordance, row_gs, row_gt = _pair_block(
-                grad_s_row, grad_t_row, num_classes, k, -grad_scale, offs_i, s_i, t_i, offs_j, s_j, t_j,
-                concordance, row_gs, row_gt, True, TEACHER_MODE_SIGN, GRAD_S, GRAD_T, PRECISION_FAST)
-            # Each full block's logits are loaded one block ahead, so the loads' latency hides behind the math.
-            offs_next = first_col + BLOCK_J + j_range
-            s_next, _ = _load_logits(student_row + offs_next, offs_next < tail, acc_dtype)
-            t_next, _ = _load_logits(teacher_row + offs_next, offs_next < tail, acc_dtype)
-            for j0 in range(first_col + BLOCK_J, tail, BLOCK_J):
-                s_j, t_j = s_next, t_next
-                offs_next = j0 + BLOCK_J + j_range
-                s_next, _ = _load_logits(student_row + offs_next, offs_next < tail, acc_dtype)
-                t_next, _ = _load_logits(teacher_row + offs_next, offs_next < tail, acc_dtype)
-                concordance, row_gs, row_gt = _pair_block(
-                    grad_s_row, grad_t_row, num_classes, k, -grad_scale, offs_i, s_i, t_i, j0 + j_range, s_j, t_j,
-                    concordance, row_gs, row_gt, False, TEACHER_MODE_SIGN, GRAD_S, GRAD_T, PRECISION_FAST)
-            if (tail > first_col) & (tail < num_classes):
-                offs_j = tail + j_range
-                s_j, _ = _load_logits(student_row + offs_j, offs_j < num_classes, acc_dtype)
-                t_j, _ = _load_logits(teacher_row + offs_j, offs_j < num_classes, acc_dtype)
-                concordance, row_gs, row_gt = _pair_block(
-                    grad_s_row, grad_t_row, num_classes, k, -grad_scale, offs_i, s_i, t_i, offs_j, s_j, t_j,
-                    concordance, row_gs, row_gt, True, TEACHER_MODE_SIGN, GRAD_S, GRAD_T, PRECISION_FAST)
-            if GRAD_S or GRAD_T:
-                tl.debug_barrier()  # the diagonal block's column sums went to this panel's own channels
-            if GRAD_S:
-                _add_into(grad_s_row + offs_i, tl.sum(row_gs, axis=1) * grad_scale, mask_i)
-            if GRAD_T:
-                _add_into(grad_t_row + offs_i, tl.sum(row_gt, axis=1) * grad_scale, mask_i)
+    # PRESCALE (the fast path): logits times k at load where the row allows it (every part of a row decides alike),
+    # else k (x_i - x_j) per pair, as the exact path does.
+    if PRESCALE:
+        scaled = _prescale_fits(student_row, teacher_row, num_classes, k, acc_dtype, not TEACHER_MODE_SIGN, BLOCK_J)
+    else:
+        scaled = False
+    if scaled:
+        concordance, non_finite = _part_pairs(
+            student_row, teacher_row, grad_s_row, grad_t_row, num_classes, part, n_parts, k, grad_scale, acc_dtype,
+            TEACHER_MODE_SIGN, GRAD_S, GRAD_T, PRECISION_FAST, True, BLOCK_I, BLOCK_J)
+    else:
+        concordance, non_finite = _part_pairs(
+            student_row, teacher_row, grad_s_row, grad_t_row, num_classes, part, n_parts, k, grad_scale, acc_dtype,
+            TEACHER_MODE_SIGN, GRAD_S, GRAD_T, PRECISION_FAST, False, BLOCK_I, BLOCK_J)
 
     has_non_finite = tl.sum(non_finite, axis=0) > 0
     if GRAD_S or GRAD_T:
@@ -273,8 +344,8 @@ INTERPRETED = not isinstance(_kendall_pairs_kernel, triton.runtime.JITFunction)
 # Launch shape. A block is BLOCK_J = 32 * num_warps columns, one per thread, times BLOCK_I rows that every thread holds
 # in registers, so the column sums of a block stay within a thread. Two warps keep blocks narrow (64 columns: little
 # waste in the half-empty block where a panel's sweep meets the row's end) while the SM runs several programs. Rows
-# per thread are as many as fit without spilling (sm_90 SASS, one column of 32 rows: ~220-255 registers on the fast
-# path, 4 programs per SM); the exact tanh needs more live values, and float64 twice the registers.
+# per thread are as many as fit without spilling (bench/kernel_report.py reads the registers and programs per SM from
+# the SASS); the exact tanh needs more live values, and float64 twice the registers.
 NUM_WARPS = 2
 BLOCK_I_FAST, BLOCK_I_EXACT, BLOCK_I_FLOAT64 = 32, 16, 8
 # The interpreter runs a block as numpy operations on whole arrays: fewer, larger blocks are faster there.
@@ -287,26 +358,36 @@ def _num_sms(device):
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def num_parts(rows, num_classes, block_i, device):
-    """Parts per row: about eight programs per SM (two waves at four resident per SM: equal programs then leave few
-    SMs idle at the end), one part when the rows alone give that or the problem is too small to be worth a second
-    launch, and at most MAX_PARTS and half the row's panels (two panels per part, snake-dealt, keep parts even)."""
+def num_parts(rows, num_classes, block_i, sms):
+    """Parts per row: one when the problem is too small to be worth a second launch; else the fewest that give every SM
+    two programs (four warps: one per scheduler) and leave the busiest SM at most ~5% above the mean (programs of a
+    launch cost about the same, and a few per SM all fit at once, sm_90: 5), at most MAX_PARTS and half the row's
+    panels (two panels per part, snake-dealt, keep parts even). One part per row needs no second launch, and bench/
+    kernel_report.py predicts an extra wave of programs costs more than the SMs it fills."""
     if rows * num_classes * num_classes <= _SMALL_PROBLEM:
         return 1
-    return max(1, min(triton.cdiv(8 * _num_sms(device), rows), MAX_PARTS, triton.cdiv(num_classes, block_i) // 2))
+    limit = max(1, min(MAX_PARTS, triton.cdiv(num_classes, block_i) // 2))
+    parts = min(limit, triton.cdiv(2 * sms, rows))
+    while parts < limit and 20 * rows * parts < 19 * sms * triton.cdiv(rows * parts, sms):
+        parts += 1
+    return parts
 
 
 def kendall_rank(student, teacher, k, teacher_mode, precision, grad_student, grad_teacher, *, block_i=None,
-                 block_j=None, num_warps=NUM_WARPS, parts=None):
+                 block_j=None, num_warps=NUM_WARPS, parts=None, prescale=None):
     """The op's implementation, with the launch knobs exposed for tests and tuning: panel height block_i (default
     BLOCK_I_FAST, _EXACT or _FLOAT64; BLOCK_I_INTERPRETED in the interpreter), block width block_j (default
-    32 * num_warps, or BLOCK_J_INTERPRETED; must be >= block_i), parts per row (default num_parts)."""
+    32 * num_warps, or BLOCK_J_INTERPRETED; must be >= block_i), parts per row (default num_parts), prescale (logits
+    times k at load where a row allows it; default: on the fast path only. Tests switch it on in the interpreter,
+    where the fast path's tanh cannot run, to exercise the fast path's scaling with the exact tanh)."""
     _args.check_fused_args("rankkd::kendall_rank_triton", student, teacher, k, teacher_mode, precision, grad_teacher)
     student, teacher = student.contiguous(), teacher.contiguous()
     rows, num_classes = student.shape
     acc_dtype = _fused.accumulation_dtype(student.dtype)
     # tanh.approx.f32 is float32-only and needs a GPU (the interpreter has no inline assembly).
     precision_fast = precision == "fast" and acc_dtype == torch.float32 and not INTERPRETED
+    # k x_i - k x_j carries the rounding of both products: within the fast path's error, not the exact path's.
+    prescale = precision_fast if prescale is None else bool(prescale)
     if block_i is None:
         block_i = (BLOCK_I_INTERPRETED if INTERPRETED else BLOCK_I_FLOAT64 if acc_dtype == torch.float64 else
                    BLOCK_I_FAST if precision_fast else BLOCK_I_EXACT)
@@ -314,7 +395,7 @@ def kendall_rank(student, teacher, k, teacher_mode, precision, grad_student, gra
         block_j = BLOCK_J_INTERPRETED if INTERPRETED else 32 * num_warps
     if block_j < block_i:
         raise ValueError(f"block_j ({block_j}) must be >= block_i ({block_i}): a panel's diagonal is one block")
-    parts = num_parts(rows, num_classes, block_i, student.device) if parts is None else parts
+    parts = num_parts(rows, num_classes, block_i, _num_sms(student.device)) if parts is None else parts
     if not 1 <= parts <= MAX_PARTS:
         raise ValueError(f"parts must be in [1, MAX_PARTS = {MAX_PARTS}], got {parts}")
     k_hi = struct.unpack("f", struct.pack("f", k))[0]  # k rounded to float32; k_hi + k_lo holds k to 48 bits
@@ -339,7 +420,7 @@ def kendall_rank(student, teacher, k, teacher_mode, precision, grad_student, gra
         pairs_kernel[(rows, parts)](
             student, teacher, loss_out, grad_s_out, grad_t_out, num_classes, loss_base, k_hi, k_lo,
             TEACHER_MODE_SIGN=teacher_mode == "sign", GRAD_S=grad_student, GRAD_T=grad_teacher,
-            PRECISION_FAST=precision_fast,
+            PRECISION_FAST=precision_fast, PRESCALE=prescale,
             BLOCK_I=block_i, BLOCK_J=block_j, num_warps=num_warps, num_stages=1)
         if parts > 1:
             sum_kernel[(rows, triton.cdiv(num_classes, _SUM_BLOCK_C))](
