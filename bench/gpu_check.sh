@@ -3,11 +3,12 @@
 #   bash bench/gpu_check.sh [OUTDIR] [all|rank-cost|grid]     (default OUTDIR: bench/results; default all)
 # builds rankkd (CUDA kernels for this GPU), runs the GPU tests, bench/loss_bench.py (fp32 and bf16 with the default
 # precision "fast", fp32 with precision "exact"), the ImageNet trainer's synthetic ResNet-34 -> ResNet-18 KD +
-# ranking-loss throughput run and the CIFAR-100 trainer's synthetic ResNet32x4 -> ResNet8x4 one, and writes the logs
+# ranking-loss throughput run, the CIFAR-100 trainer's synthetic ResNet32x4 -> ResNet8x4 one and the COCO trainer's
+# synthetic R-101 -> R-18 one, and writes the logs
 # and result files into OUTDIR. Each step has its own time limit; the limits add up to 590 s, under the device tool's
 # 10 minutes a call (the expected run: about 7 minutes). A failing step is reported and the rest still run; the exit
 # status says whether all passed.
-# rank-cost (a second device call): the build, then the same two trainer runs with --rank-weight 0, so that the
+# rank-cost (a second device call): the build, then the same three trainer runs with --rank-weight 0, so that the
 # ranking loss's share of the step is the difference of the two calls' train_img_s.
 # grid (a device call of its own): the build, then train/cifar100_table.py on synthetic data, four ResNet32x4 ->
 # ResNet8x4 cells at once on the GPU (--parallel 4, 2 epochs of 300 steps): their summed epoch-2 images/s against the
@@ -54,9 +55,9 @@ cat "$log"
 step build 90 env MAX_JOBS=16 python setup.py develop
 if [ "$mode" = all ]; then
   # RANKKD_EXPECT_CUDA_KERNEL=1: a build that left out the CUDA kernel fails the tests instead of skipping them.
-  step tests 175 env RANKKD_EXPECT_CUDA_KERNEL=1 python -m pytest -q -x tests/test_kendall.py tests/test_triton.py \
+  step tests 150 env RANKKD_EXPECT_CUDA_KERNEL=1 python -m pytest -q -x tests/test_kendall.py tests/test_triton.py \
     tests/test_cuda.py tests/test_losses.py tests/test_distill.py
-  step bench_fp32 80 python bench/loss_bench.py --device cuda --dtype float32 --json "$out/loss_cuda_float32.json"
+  step bench_fp32 70 python bench/loss_bench.py --device cuda --dtype float32 --json "$out/loss_cuda_float32.json"
   # The machine-code model (bench/kernel_report.py) for this GPU's architecture, its predictions written beside the
   # times just measured: checks the model itself.
   arch=$(python -c "import torch; major, minor = torch.cuda.get_device_capability(); print(10 * major + minor)")
@@ -89,16 +90,22 @@ fi
 # Images/s of the whole training step (teacher, student, losses) without I/O; metrics.jsonl's train_img_s leaves the
 # first logging interval (compilation, warm-up) out. The run folder stays outside OUTDIR: its checkpoints are large.
 run_dir=$(mktemp -d)/synthetic-r34-r18
-step "train_synthetic$suffix" 70 python train/imagenet.py --data synthetic --teacher resnet34 --student resnet18 \
+step "train_synthetic$suffix" 60 python train/imagenet.py --data synthetic --teacher resnet34 --student resnet18 \
   --loss imagenet-kd-rank --batch-size 256 --precision bf16 --channels-last --compile --epochs 1 \
   --steps-per-epoch 300 --log-every 100 "${rank_args[@]}" --out "$run_dir"
 cp "$run_dir/metrics.jsonl" "$out/train_synthetic${suffix}_metrics.jsonl" 2>/dev/null
 # CIFAR-100's recipe step (batch 64, bf16, compiled with CUDA graphs) on 50,000 random images through the
 # device-resident data path, evaluation included: epoch 2's epoch_time_s x 240 is the full recipe's time.
 cifar_dir=$(mktemp -d)/synthetic-res32x4-res8x4
-step "cifar_synthetic$suffix" 90 python train/cifar100.py --data synthetic --pair res32x4_res8x4 --epochs 2 \
+step "cifar_synthetic$suffix" 75 python train/cifar100.py --data synthetic --pair res32x4_res8x4 --epochs 2 \
   --log-every 200 "${rank_args[@]}" --out "$cifar_dir"
 cp "$cifar_dir/metrics.jsonl" "$out/cifar_synthetic${suffix}_metrics.jsonl" 2>/dev/null
+# COCO's step (Faster R-CNN FPN R-101 -> R-18, DKD + ranking loss on 8 x 512 sampled RoIs x 81 classes, batch 8,
+# bf16, backbones compiled) on random images and boxes: with rank-cost, the ranking loss's share of the step.
+coco_dir=$(mktemp -d)/synthetic-coco-r101-r18
+step "coco_synthetic$suffix" 60 python train/coco.py --data synthetic --pair r101_r18 --method dkd+rank \
+  --epochs 1 --iters-per-epoch 100 --log-every 50 "${rank_args[@]}" --out "$coco_dir"
+cp "$coco_dir/metrics.jsonl" "$out/coco_synthetic${suffix}_metrics.jsonl" 2>/dev/null
 tail -n 40 "$log"
 
 if [ ${#failed[@]} -gt 0 ]; then

@@ -304,6 +304,7 @@ def epoch_line(run, training, eta):
     label, key, _ = run.task.summary_metrics[0]
     metrics = " ".join(f"{name} {last[student]:.2f}" for name, student, _ in run.task.summary_metrics)
     tau = f", tau {last['val_tau']:.3f}" if last.get("val_tau") is not None else ""
+    best_text = f"best {label} {best[key]:.2f} (epoch {best['epoch']})" if best["epoch"] else "no best yet"
     return (f"epoch {last['epoch']}/{cfg.run.epochs}: loss {last['loss_total']:.4f}, val {metrics}{tau}, "
-            f"{last['train_img_s']:,.0f} img/s, {last['epoch_time_s']:.1f}s; best {label} {best[key]:.2f} "
-            f"(epoch {best['epoch']}){f', ETA {format_duration(eta)}' if eta else ''}")
+            f"{last['train_img_s']:,.0f} img/s, {last['epoch_time_s']:.1f}s; {best_text}"
+            f"{f', ETA {format_duration(eta)}' if eta else ''}")
