@@ -127,3 +127,19 @@ def test_ctrl_c_ends_with_one_line_and_exit_130(data, tmp_path):
     assert process.returncode == 130, error
     assert "Traceback" not in error and "cifar100.py: interrupted:" in error and "--resume auto" in error, error
     assert len(error.strip().splitlines()) == 1, error
+
+
+def test_a_checkpoint_with_the_earlier_flat_settings_resumes_or_is_refused_by_name(data, tmp_path, capsys):
+    # Before the settings had parts, config.json and checkpoints held one flat dict of option names.
+    from rankkd.training.config import flat_settings
+
+    out = tmp_path / "run"
+    run(data, "--epochs", "1", "--out", str(out))
+    state = torch.load(out / "last.pt", weights_only=True)
+    state["config"] = {key: value for key, value in flat_settings(state["config"]).items()
+                       if key not in ("task", "allow_changed_settings")}
+    torch.save(state, out / "last.pt")
+    error = refused(capsys, "--data", data, *TINY, "--out", str(out), "--resume", "auto", "--seed", "3")
+    assert "holds a run with other settings (--seed 0 -> 3)" in error
+    run(data, "--out", str(out), "--resume", "auto")
+    assert [record["epoch"] for record in records(out)] == [1, 2]

@@ -1,3 +1,3 @@
-"""What the trainers in train/ share and nothing else needs: their options and settings (config), the epoch loop,
-evaluation, checkpoints and the teacher cache (loop), input pipelines (data), evaluation metrics (metrics), and run
-plumbing (utils: distributed set-up, run lock, checkpoint files, schedules, metrics files, progress)."""
+"""Training: one run skeleton (run) over tasks (tasks/: imagenet, cifar100, coco), its frozen settings (config), the
+epoch loop (loop), and by concern distributed set-up, checkpoints, run folders, progress, optimizer and schedules,
+the demo teacher's cache, evaluation metrics, input pipelines (data) and the CIFAR-100 grid runner (grid)."""

@@ -69,8 +69,8 @@ def prepare_run(task, cfg, env):
     teacher = None
     if cfg.model.teacher is not None and cfg.model.teacher_weights is not None:
         teacher = task.load_teacher(cfg, cfg.model.teacher_weights, loaders.num_classes)
-    out, lock, resume_state, changed = open_run_folder(task, cfg, env)
     student = task.build_student(cfg, loaders.num_classes)
+    out, lock, resume_state, changed = open_run_folder(task, cfg, env)
     return Run(task=task, cfg=cfg, out=out, lock=lock, resume_state=resume_state, loaders=loaders, student=student,
                teacher=teacher, mixer=mixer, changed_settings=changed)
 

@@ -217,9 +217,19 @@ def open_run_folder(task, cfg, env):
     overwrites a run silently, and never shares its folder: a second run on it stops at once."""
     out = Path(cfg.run.out)
     lock = RunLock(out, what="--out").acquire() if env.is_main else None  # before anything is written there
+    try:
+        state, changed = _checkpoint_to_continue(task, cfg, env, out)
+    except BaseException:  # refused: the folder is free again at once, for this process too
+        if lock is not None:
+            lock.release()
+        raise
+    return out, lock, state, changed
+
+
+def _checkpoint_to_continue(task, cfg, env, out):
     last = out / "last.pt"
     if not last.exists():
-        return out, lock, None, []
+        return None, []
     if not cfg.run.resume:
         raise ValueError(f"{out} already holds a run (last.pt): continue it with --resume auto, or pick another --out")
     state = load_checkpoint(last)
@@ -229,4 +239,4 @@ def open_run_folder(task, cfg, env):
                          "continue it anyway with --allow-changed-settings")
     if changed and env.is_main:
         print(f"resuming with changed settings: {'; '.join(changed)}")
-    return out, lock, state, changed
+    return state, changed

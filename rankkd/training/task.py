@@ -16,7 +16,8 @@ A task is an object with
 - primary_metric (what "best" means) and summary_metrics: (label, student key, teacher key) per column of the
   summary and of the per-epoch line.
 
-ClassificationTask below holds what the image-classification tasks share; a task overrides what differs.
+Task below holds what every task shares, ClassificationTask what the image-classification tasks add; a task
+overrides what differs.
 """
 import torch
 
@@ -26,10 +27,10 @@ from rankkd.training.config import SHARED_OPTIONS
 from rankkd.training.metrics import evaluate_classifier
 
 
-class ClassificationTask:
+class Task:
+    """What every task shares: its options after the shared ones' declarations, models from its zoo, no batch mixing,
+    torch.compile as it is."""
     zoo = "imagenet"
-    primary_metric = "val_top1"
-    summary_metrics = (("top-1", "val_top1", "teacher_top1"), ("top-5", "val_top5", "teacher_top5"))
     own_options = ()
 
     @property
@@ -50,11 +51,17 @@ class ClassificationTask:
     def load_teacher(self, cfg, weights, num_classes):
         return models.load_teacher(cfg.model.teacher, weights, num_classes, self.zoo)
 
-    def train_forward(self, student, teacher, cfg):
-        return Distiller(student, teacher if cfg.loss.uses_teacher else None, cfg.loss)
-
     def compile(self, module, mode):
         return torch.compile(module, mode=mode)
+
+
+class ClassificationTask(Task):
+    """Image classification: the Distiller's forward, top-1 / top-5 and the logits' Kendall tau."""
+    primary_metric = "val_top1"
+    summary_metrics = (("top-1", "val_top1", "teacher_top1"), ("top-5", "val_top5", "teacher_top5"))
+
+    def train_forward(self, student, teacher, cfg):
+        return Distiller(student, teacher if cfg.loss.uses_teacher else None, cfg.loss)
 
     def evaluate(self, student, teacher, loader, autocast, env, cfg):
         graphs = cfg.speed.compile and cfg.speed.compile_mode == "reduce-overhead"

@@ -30,6 +30,7 @@ from rankkd.training.data.demo import default_cache_dir
 from rankkd.training.distributed import all_reduce_sum
 from rankkd.training.metrics import kendall_tau
 from rankkd.training.run_folder import check_writable
+from rankkd.training.task import Task
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Recipes.
@@ -104,7 +105,7 @@ OPTIONS = (
 DETECTION_METHODS = ("none", "kd", "kd+rank", "dkd", "dkd+rank")
 
 
-class CocoTask:
+class CocoTask(Task):
     name = "coco"
     description = __doc__.split("\n\n")[0]
     zoo = "coco"
@@ -139,9 +140,7 @@ class CocoTask:
         return name, recipe
 
     def check(self, values, env):
-        for name in (values["student"], values["teacher"]):
-            if name is not None:
-                models.check_model(name, self.zoo)
+        self.check_models(values)
         data = values["data"]
         if data not in ("demo", "synthetic") and not Path(data).is_dir():
             raise ValueError(f"--data {data!r}: no such folder (give a COCO 2017 root, 'demo' or 'synthetic')")
@@ -176,14 +175,8 @@ class CocoTask:
         return SimpleNamespace(train=IterationLoader(train, data.iters_per_epoch), val=val,
                                num_classes=dataset.num_classes, backend=train.backend)
 
-    def make_mixer(self, cfg, env, data):
-        return None
-
     def build_student(self, cfg, num_classes):
         return models.zoo(self.zoo).build_model(cfg.model.student, num_classes, cfg.model.student_weights)
-
-    def load_teacher(self, cfg, weights, num_classes):
-        return models.load_teacher(cfg.model.teacher, weights, num_classes, self.zoo)
 
     def train_forward(self, student, teacher, cfg):
         from rankkd.detection.distill import DetectionDistiller
