@@ -187,6 +187,9 @@ PUBLISHED = {
     "cifar100-dkd-ls-res50_mv2": dict(_DKD_CIFAR_LS, dkd_beta=72.0),
     # the ranking paper's DeiT setup
     "deit-kd": dict(method="kd", ce_weight=1.0, kd_weight=1.0, temperature=1.0),
+    # mdistiller detection/model/config.py KD.DKD (ALPHA 1, BETA 0.25, T 1), added at weight 1 in rcnn.py
+    "coco-dkd": dict(method="dkd", ce_weight=1.0, kd_weight=1.0, temperature=1.0, dkd_alpha=1.0, dkd_beta=0.25),
+    "coco-kd": dict(method="kd", ce_weight=1.0, kd_weight=1.0, temperature=1.0),  # this project's choice
 }
 
 
