@@ -1,9 +1,12 @@
 """COCO data (rankkd.detection.data) and the demo set (rankkd.detection.demo): checks, labels, loaders, sharding."""
+import importlib.util
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
+from conftest import needs_dali
 
 pytest.importorskip("torchvision")
 pytest.importorskip("PIL")
@@ -120,6 +123,13 @@ def test_box_of_non_positive_size(tmp_path, box):
     assert "instances_val2017.json" in message and "non-positive size" in message
 
 
+@pytest.mark.parametrize("iscrowd", [True, 2, "0"])
+def test_iscrowd_other_than_0_or_1(tmp_path, iscrowd):
+    root = write_coco(tmp_path, train=[(1, 40, 30, [{"bbox": [1, 1, 5, 5], "category_id": 2, "iscrowd": iscrowd}])])
+    message = refusal(root)
+    assert "instances_train2017.json" in message and "iscrowd" in message and "0 or 1" in message
+
+
 def test_crowd_ignored_and_empty_images_skipped_in_training(tmp_path):
     crowd = {"bbox": [20, 10, 8, 8], "category_id": 5, "iscrowd": 1}
     root = write_coco(tmp_path, train=[(1, 40, 30, [{"bbox": [2, 3, 10, 6], "category_id": 5}, crowd]),
@@ -206,3 +216,122 @@ def test_synthetic_loader():
     boxes = targets[0]["boxes"]
     assert (boxes[:, 2:] > boxes[:, :2]).all() and (boxes[:, 2] <= 60).all() and (boxes[:, 3] <= 40).all()
     assert targets[0]["labels"].min() >= 1 and targets[0]["labels"].max() < 5
+
+
+def varied_coco(root):
+    """Non-square images of several sizes, two categories, a crowd box (ignored in training) and an image whose only
+    box is crowd (skipped in training)."""
+    rng = np.random.default_rng(0)
+    images = []
+    for image_id in range(1, 15):
+        width, height = int(rng.integers(30, 90)), int(rng.integers(24, 70))
+        x, y = int(rng.integers(0, width - 12)), int(rng.integers(0, height - 10))
+        w, h = int(rng.integers(6, width - x)), int(rng.integers(5, height - y))
+        annotations = [{"bbox": [x, y, w, h], "category_id": (2, 5)[image_id % 2]},
+                       {"bbox": [1, 1, 4, 3], "category_id": (5, 2)[image_id % 2], "iscrowd": int(image_id % 3 == 0)}]
+        images.append((image_id, width, height, annotations))
+    images.append((99, 40, 30, [{"bbox": [4, 5, 10, 8], "category_id": 2, "iscrowd": 1}]))
+    return check_coco(write_coco(root, train=images, val=images))
+
+
+def coco_loaders(dataset, backend, **overrides):
+    from rankkd.detection.data import make_coco_loaders
+
+    kwargs = dict(batch_size=3, val_batch_size=4, rank=0, world_size=1, device=CPU, seed=5, num_workers=1,
+                  train_sizes=(24, 40, 56), test_size=40, max_size=80) | overrides
+    return make_coco_loaders(dataset, backend=backend, **kwargs)
+
+
+def test_backend_auto_picks_an_installed_loader(tmp_path):
+    train, val = coco_loaders(varied_coco(tmp_path), "auto")
+    expected = "dali" if importlib.util.find_spec("nvidia.dali") else "torchvision"
+    assert train.backend == val.backend == expected
+
+
+@needs_dali
+def test_dali_reads_what_the_torchvision_loader_reads(tmp_path):
+    """Same order, sizes, flips, boxes and labels on either backend; the pixels differ only by the resampling
+    filter; and every white rectangle lies inside its box, so the boxes follow the resized and flipped image."""
+    dataset = varied_coco(tmp_path)
+    assert 99 not in dataset.train.image_ids and len(dataset.train) == 14
+    (dali_train, dali_val), (torchvision_train, torchvision_val) = (coco_loaders(dataset, backend)
+                                                                   for backend in ("dali", "torchvision"))
+    flipped_and_not = set()
+    for epoch in (0, 1):
+        for loader in (dali_train, torchvision_train):
+            loader.set_epoch(epoch)
+        pairs = list(zip(dali_train, torchvision_train, strict=True))
+        assert len(pairs) == len(dali_train) == 14 // 3
+        for (dali_images, dali_targets), (torchvision_images, torchvision_targets) in pairs:
+            for image, target, expected_image, expected in zip(dali_images, dali_targets, torchvision_images,
+                                                               torchvision_targets, strict=True):
+                assert image.dtype == torch.float32 and image.shape == expected_image.shape
+                assert min(image.shape[1:]) in (24, 40, 56) or max(image.shape[1:]) == 80
+                assert (image - expected_image).abs().mean() < 0.03
+                assert torch.equal(target["labels"], expected["labels"])
+                torch.testing.assert_close(target["boxes"], expected["boxes"], atol=1e-3, rtol=0)
+                x0, y0, x1, y1 = target["boxes"][0].tolist()
+                inside = image[:, math.ceil(y0) + 1:int(y1) - 1, math.ceil(x0) + 1:int(x1) - 1]
+                assert inside.numel() == 0 or inside.mean() > 0.9
+                flipped_and_not.add(bool(image[:, :, :image.shape[2] // 2].sum() > image[:, :, image.shape[2] // 2:].sum()))
+    assert flipped_and_not == {True, False}
+    for (images, ids), (expected_images, expected_ids) in zip(dali_val, torchvision_val, strict=True):
+        assert ids == expected_ids
+        assert [image.shape for image in images] == [image.shape for image in expected_images]
+    assert sorted(dali_val.image_ids) == sorted(dataset.val.image_ids)
+
+
+@needs_dali
+def test_dali_resumes_mid_pass_exactly_whatever_the_threads(tmp_path):
+    dataset = varied_coco(tmp_path)
+    whole, _ = coco_loaders(dataset, "dali", batch_size=2)
+    resumed, _ = coco_loaders(dataset, "dali", batch_size=2, num_workers=2)
+    for loader in (whole, resumed):
+        loader.set_epoch(3)
+    expected = list(whole)[4:]
+    got = list(resumed.batches_from(4))
+    assert len(got) == len(expected) == len(whole) - 4
+    for (images, targets), (expected_images, expected_targets) in zip(got, expected):
+        assert all(torch.equal(a, b) for a, b in zip(images, expected_images, strict=True))
+        assert all(torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"])
+                   for a, b in zip(targets, expected_targets, strict=True))
+
+
+@needs_dali
+def test_dali_shards_train_and_val_across_ranks(tmp_path):
+    dataset = varied_coco(tmp_path)
+    train_labels, val_ids = [], []
+    for rank in range(2):
+        train, val = coco_loaders(dataset, "dali", rank=rank, world_size=2, batch_size=2)
+        train.set_epoch(0)
+        train_labels.append([target["labels"].tolist() for _, targets in train for target in targets])
+        val_ids += [image_id for _, ids in val for image_id in ids]
+        indices = train.epoch_indices()
+        assert train_labels[-1] == [dataset.train.labels[i].tolist() for i in indices]
+    assert len(train_labels[0]) == len(train_labels[1]) == 6
+    assert sorted(val_ids) == sorted(dataset.val.image_ids)
+
+
+@needs_dali
+def test_dali_names_an_image_that_does_not_decode(tmp_path):
+    from rankkd.training.data import BadImageError
+
+    dataset = varied_coco(tmp_path)
+    train, _ = coco_loaders(dataset, "dali")
+    broken = dataset.train.files[train.epoch_indices()[4]]  # read in the second batch
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    with pytest.raises(BadImageError, match=str(broken.name)):
+        list(train)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_dali
+def test_dali_decodes_on_the_gpu_as_on_the_cpu(tmp_path):
+    dataset = varied_coco(tmp_path)
+    (gpu_train, _), (cpu_train, _) = coco_loaders(dataset, "dali", device=torch.device("cuda")), \
+        coco_loaders(dataset, "dali")
+    for (images, targets), (cpu_images, cpu_targets) in zip(gpu_train, cpu_train, strict=True):
+        assert all(image.is_cuda for image in images) and all(t["boxes"].is_cuda for t in targets)
+        assert all((a.cpu() - b).abs().mean() < 0.03 for a, b in zip(images, cpu_images))
+        assert all(torch.equal(a["labels"].cpu(), b["labels"]) for a, b in zip(targets, cpu_targets))

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from rankkd.training.data import resolve_loader_backend
 from rankkd.training.data.sharding import TrainShard, ValShard
 
 TRAIN_SIZES = (640, 672, 704, 736, 768, 800)  # detectron2's MIN_SIZE_TRAIN of Base-RCNN-FPN
@@ -104,6 +105,10 @@ def _check_annotation(annotation, path, images_by_id, category_ids):
     if annotation.get("category_id") not in category_ids:
         _refuse(f"{where} has category_id {annotation.get('category_id')!r}, not in the file's 'categories' "
                 f"{sorted(category_ids)}", "fix or remove that annotation")
+    if type(annotation.get("iscrowd", 0)) is not int or annotation.get("iscrowd", 0) not in (0, 1):
+        # DALI's COCO reader misreads the annotations that follow any other value (a JSON true, for one).
+        _refuse(f"{where} has iscrowd {annotation.get('iscrowd')!r}; COCO writes 0 or 1",
+                "write iscrowd as the integer 0 or 1")
     box = annotation.get("bbox")
     if not (isinstance(box, list) and len(box) == 4 and box[2] > 0 and box[3] > 0):
         _refuse(f"{where} has a box of non-positive size, bbox {box!r} (x, y, width, height)",
@@ -162,6 +167,29 @@ def resized_shape(height: int, width: int, shorter: int, max_size: int) -> tuple
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
+def sample_augmentation(seed: int | None, sizes: tuple[int, ...], flip: bool) -> tuple[int, bool]:
+    """The shorter side and the flip of the sample whose augmentation seed is `seed` (None: sizes[0], no flip).
+    Every loader draws them here, so the backends augment a given sample of a pass alike."""
+    if seed is None:
+        return sizes[0], False
+    rng = np.random.default_rng(seed)
+    shorter = int(sizes[rng.integers(len(sizes))])
+    return shorter, bool(flip and rng.random() < 0.5)
+
+
+def pass_samples(shard: TrainShard) -> tuple[np.ndarray, np.ndarray]:
+    """(indices into the split, augmentation seeds) of the shard's current pass, in reading order."""
+    indices = shard.epoch_indices()
+    return indices, np.random.default_rng(shard.epoch_augmentation_seed()).integers(0, 2**63 - 1, size=len(indices))
+
+
+def drop_empty_boxes(boxes: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Without the boxes that clipping to the image left with no area (they lay outside it): they cannot be
+    matched."""
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return boxes[keep], labels[keep]
+
+
 def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
     """xyxy boxes of an image of `width` pixels, mirrored left to right."""
     flipped = boxes.copy()
@@ -183,23 +211,20 @@ class _CocoImages(Dataset):
         from PIL import Image
 
         index, seed = key
-        rng = np.random.default_rng(seed) if seed is not None else None
         with Image.open(self._split.files[index]) as image:
             image = image.convert("RGB")
         width, height = image.size
-        shorter = self._sizes[rng.integers(len(self._sizes))] if rng is not None else self._sizes[0]
+        shorter, flip = sample_augmentation(seed, self._sizes, self._flip)
         new_height, new_width = resized_shape(height, width, shorter, self._max_size)
         image = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
         boxes = self._split.boxes[index] * np.array([new_width / width, new_height / height] * 2, dtype=np.float32)
         boxes = np.clip(boxes, 0, [new_width, new_height, new_width, new_height]).astype(np.float32)
-        if self._flip and rng is not None and rng.random() < 0.5:
+        if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             boxes = flip_boxes(boxes, new_width)
         pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # uint8 CHW: 4x less to pass around
-        # A box left with no area by the clipping (it lay outside the image) cannot be matched: drop it.
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        return pixels, torch.from_numpy(boxes[keep]), torch.from_numpy(self._split.labels[index][keep]), \
-            self._split.image_ids[index]
+        boxes, labels = drop_empty_boxes(torch.from_numpy(boxes), torch.from_numpy(self._split.labels[index]))
+        return pixels, boxes, labels, self._split.image_ids[index]
 
 
 class _Keys(Sampler):
@@ -246,8 +271,7 @@ class CocoTrainLoader(TrainShard):
     def batches_from(self, step: int) -> Iterator[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]:
         """The pass's batches from batch `step` on, exactly as a whole pass yields them (iteration-based schedules
         resume mid-pass)."""
-        indices = self.epoch_indices()
-        seeds = np.random.default_rng(self.epoch_augmentation_seed()).integers(0, 2**63 - 1, size=len(indices))
+        indices, seeds = pass_samples(self)
         start = step * self._batch_size
         self._keys.keys = list(zip(indices.tolist()[start:], seeds.tolist()[start:]))
         for samples in self._batches:
@@ -277,9 +301,22 @@ class CocoValLoader(ValShard):
 
 
 def make_coco_loaders(dataset: CocoDataset, *, batch_size: int, val_batch_size: int, rank: int, world_size: int,
-                      device: torch.device, seed: int, num_workers: int, train_sizes: tuple[int, ...] = TRAIN_SIZES,
-                      test_size: int = TEST_SIZE, max_size: int = MAX_SIZE):
-    """The (train, val) loaders of one rank over a checked dataset (check_coco)."""
+                      device: torch.device, seed: int, num_workers: int, backend: str = "auto",
+                      train_sizes: tuple[int, ...] = TRAIN_SIZES, test_size: int = TEST_SIZE,
+                      max_size: int = MAX_SIZE):
+    """The (train, val) loaders of one rank over a checked dataset (check_coco). backend: "dali" (GPU decoding on a
+    CUDA device), "torchvision" (PIL in num_workers processes) or "auto" (DALI when installed). num_workers: the
+    DataLoader's worker processes, or DALI's CPU threads (at least one)."""
+    device = torch.device(device)
+    if resolve_loader_backend(backend) == "dali":
+        from rankkd.detection.dali import DaliCocoTrainLoader, DaliCocoValLoader
+
+        common = dict(rank=rank, world_size=world_size, device=device, decode_on_gpu=device.type == "cuda",
+                      num_threads=max(1, num_workers), max_size=max_size)
+        return (DaliCocoTrainLoader(dataset.train, dataset.category_ids, batch_size=batch_size, seed=seed,
+                                    sizes=train_sizes, **common),
+                DaliCocoValLoader(dataset.val, dataset.category_ids, batch_size=val_batch_size, size=test_size,
+                                  **common))
     train = CocoTrainLoader(dataset.train, batch_size=batch_size, rank=rank, world_size=world_size, device=device,
                             seed=seed, num_workers=num_workers, sizes=train_sizes, max_size=max_size)
     val = CocoValLoader(dataset.val, batch_size=val_batch_size, rank=rank, world_size=world_size, device=device,

@@ -77,7 +77,8 @@ def _resolve_device(device: torch.device | str) -> torch.device:
     return device
 
 
-def _resolve_loader_backend(backend: str) -> str:
+def resolve_loader_backend(backend: str) -> str:
+    """"dali" or "torchvision" for a backend option of LOADER_BACKENDS ("auto": DALI when it is importable)."""
     from rankkd.training.data.dali import dali_available
 
     if backend not in LOADER_BACKENDS:
@@ -153,7 +154,7 @@ def make_loaders(root: str | os.PathLike, *, batch_size: int, image_size: int = 
     if decode_device not in DECODE_DEVICES:
         raise ValueError(f"decode_device must be one of {DECODE_DEVICES}, got {decode_device!r}")
     device = _resolve_device(device)
-    backend = _resolve_loader_backend(backend)
+    backend = resolve_loader_backend(backend)
     listing = list_image_folder(root)
     if len(listing.train) < batch_size * world_size:
         raise ValueError(f"make_loaders: {listing.root / 'train'} has {len(listing.train)} images, fewer than "
@@ -195,5 +196,5 @@ def synthetic_loader(*, batch_size: int, image_size: int, num_classes: int, step
                            device=_resolve_device(device), channels_last=channels_last, seed=seed)
 
 
-__all__ = ["LOADER_BACKENDS", "DEMO_IMAGE_SIZE", "DEMO_NUM_CLASSES", "BadImageError", "BatchLoader", "DataLoaders",
+__all__ = ["LOADER_BACKENDS", "resolve_loader_backend", "DEMO_IMAGE_SIZE", "DEMO_NUM_CLASSES", "BadImageError", "BatchLoader", "DataLoaders",
            "ImageFolderError", "TrainAugmentation", "make_loaders", "prepare_demo", "synthetic_loader"]

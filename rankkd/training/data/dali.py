@@ -40,10 +40,10 @@ from rankkd.training.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from rankkd.training.data.sharding import TrainShard, ValShard
 
 
-_READER_NAME = "files"
+READER_NAME = "files"
 # Batches DALI works ahead of the consumer (the pipeline's prefetch_queue_depth); also the span of batches that may
 # hold a file that failed to decode.
-_PREFETCH_DEPTH = 2
+PREFETCH_DEPTH = 2
 # nvJPEG preallocation for ImageNet-sized JPEGs (as in NVIDIA's ResNet-50 recipe): one buffer per thread big enough
 # for the largest ImageNet image, so decoding never reallocates mid-epoch, and the hardware decoder sized for the
 # largest image dimensions in the ImageNet train set.
@@ -80,7 +80,7 @@ def dali_available() -> bool:
     return True
 
 
-def _decoder_args(decode_on_gpu: bool) -> dict:
+def decoder_args(decode_on_gpu: bool) -> dict:
     if not decode_on_gpu:
         return {"device": "cpu"}
     return {"device": "mixed", "device_memory_padding": _DEVICE_MEMORY_PADDING,
@@ -103,7 +103,7 @@ def _read(files: list[str], labels: list[int], decode_on_gpu: bool):
 
     # pad_last_batch repeats the last file to fill a partial batch (the iterator trims it away), so the next pass
     # starts from the first file instead of wrapping into it.
-    encoded, labels = fn.readers.file(files=files, labels=labels, name=_READER_NAME, pad_last_batch=True)
+    encoded, labels = fn.readers.file(files=files, labels=labels, name=READER_NAME, pad_last_batch=True)
     return encoded, (labels.gpu() if decode_on_gpu else labels)
 
 
@@ -178,7 +178,7 @@ def _train_graph(files, labels, *, image_size, min_scale, hflip, rand_augment_op
     # Decoding only the random crop's region of interest is what makes the fused op cheaper than decode-then-crop.
     images = fn.decoders.image_random_crop(encoded, output_type=types.RGB, random_area=[min_scale, 1.0],
                                            random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=100,
-                                           **_decoder_args(decode_on_gpu))
+                                           **decoder_args(decode_on_gpu))
     images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR,
                        antialias=True)
     if rand_augment_ops:
@@ -202,18 +202,21 @@ def _val_graph(files, labels, *, image_size, resize_shorter, channels_last, deco
     from nvidia.dali import fn, types
 
     encoded, labels = _read(files, labels, decode_on_gpu)
-    images = fn.decoders.image(encoded, output_type=types.RGB, **_decoder_args(decode_on_gpu))
+    images = fn.decoders.image(encoded, output_type=types.RGB, **decoder_args(decode_on_gpu))
     images = fn.resize(images, resize_shorter=resize_shorter, interp_type=types.INTERP_LINEAR, antialias=True)
     return _normalize(images, channels_last=channels_last, mirror=False, crop=(image_size, image_size)), labels
 
 
-def _run_pipeline(graph, graph_args: dict, files: list[str], labels: list[int], *, batch_size: int,
-                  num_threads: int, device: torch.device, decode_on_gpu: bool, seed: int, channels_last: bool,
-                  conditionals: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Builds one pipeline over `files` and yields its (images, labels) once through, trimming the padded tail.
+def run_pipeline(graph, graph_args: dict, files: list[str], output_names: tuple[str, ...], *, batch_size: int,
+                 num_threads: int, device: torch.device, decode_on_gpu: bool, seed: int,
+                 conditionals: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Builds one pipeline of `graph(**graph_args, decode_on_gpu=...)`, whose reader (named READER_NAME) reads
+    `files` in this order, and yields its batches once through as {output name: tensor}, the padded tail trimmed.
+    Outputs on the GPU come as tensors on `device`, outputs on the CPU as CPU tensors.
 
     conditionals: trace `graph` with DALI's conditionals (per-sample `if` on DataNodes), which the automatic
-    augmentations and random erasing use."""
+    augmentations and random erasing use. A pipeline failure is reported as the BadImageError of the first file
+    in flight that PIL cannot decode, when there is one."""
     from nvidia.dali import pipeline_def
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -221,30 +224,36 @@ def _run_pipeline(graph, graph_args: dict, files: list[str], labels: list[int], 
         return
     # A shard smaller than one batch gets a smaller pipeline batch rather than a batch mostly made of padding.
     pipeline = pipeline_def(graph, enable_conditionals=conditionals)(
-        files, labels, channels_last=channels_last, decode_on_gpu=decode_on_gpu, **graph_args,
-        batch_size=min(batch_size, len(files)), num_threads=num_threads, seed=seed,
-        device_id=device.index if decode_on_gpu else None, prefetch_queue_depth=_PREFETCH_DEPTH)
+        **graph_args, decode_on_gpu=decode_on_gpu, batch_size=min(batch_size, len(files)), num_threads=num_threads,
+        seed=seed, device_id=device.index if decode_on_gpu else None, prefetch_queue_depth=PREFETCH_DEPTH)
     batches_done = 0
     try:
         # Building the iterator builds the pipeline and starts decoding the first batches.
-        batches = DALIGenericIterator(pipeline, ["images", "labels"], reader_name=_READER_NAME,
+        batches = DALIGenericIterator(pipeline, list(output_names), reader_name=READER_NAME,
                                       last_batch_policy=LastBatchPolicy.PARTIAL)
         for (batch,) in batches:
-            images = batch["images"]
-            if channels_last:
-                images = images.permute(0, 3, 1, 2)  # the NHWC buffer viewed as NCHW has channels_last strides
-            # The .to calls are no-ops when the pipeline already produced tensors on `device`.
-            yield (images.to(device, non_blocking=True),
-                   batch["labels"].reshape(-1).to(device=device, dtype=torch.int64, non_blocking=True))
+            yield batch
             batches_done += 1
     except RuntimeError as error:
         first = batches_done * batch_size
-        in_flight = files[first:first + (_PREFETCH_DEPTH + 1) * batch_size]
+        in_flight = files[first:first + (PREFETCH_DEPTH + 1) * batch_size]
         bad_image = find_undecodable(in_flight)
         if bad_image is not None:
             raise bad_image from error
         raise RuntimeError(f"DALI pipeline failed while reading files {first}..{first + len(in_flight) - 1} of this "
                            "pass; each of them decodes with PIL, so the cause is in the DALI error above") from error
+
+
+def _classification_batches(graph, graph_args: dict, files: list[str], labels: list[int], *, channels_last: bool,
+                            device: torch.device, **pipeline_args) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    graph_args = {**graph_args, "files": files, "labels": labels, "channels_last": channels_last}
+    for batch in run_pipeline(graph, graph_args, files, ("images", "labels"), device=device, **pipeline_args):
+        images = batch["images"]
+        if channels_last:
+            images = images.permute(0, 3, 1, 2)  # the NHWC buffer viewed as NCHW has channels_last strides
+        # The .to calls are no-ops when the pipeline already produced tensors on `device`.
+        yield (images.to(device, non_blocking=True),
+               batch["labels"].reshape(-1).to(device=device, dtype=torch.int64, non_blocking=True))
 
 
 class DaliTrainLoader(TrainShard):
@@ -273,10 +282,10 @@ class DaliTrainLoader(TrainShard):
         indices = self.epoch_indices()
         files = [self._listing.files[i] for i in indices]
         labels = [self._listing.labels[i] for i in indices]
-        return _run_pipeline(_train_graph, self._graph_args, files, labels, batch_size=self._batch_size,
-                             num_threads=self._num_threads, device=self._device, decode_on_gpu=self._decode_on_gpu,
-                             seed=self.epoch_augmentation_seed(), channels_last=self._channels_last,
-                             conditionals=self._conditionals)
+        return _classification_batches(_train_graph, self._graph_args, files, labels, batch_size=self._batch_size,
+                                       num_threads=self._num_threads, device=self._device,
+                                       decode_on_gpu=self._decode_on_gpu, seed=self.epoch_augmentation_seed(),
+                                       channels_last=self._channels_last, conditionals=self._conditionals)
 
 
 class DaliValLoader(ValShard):
@@ -298,7 +307,7 @@ class DaliValLoader(ValShard):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # A fresh pipeline per pass: DALI iterators cannot be reset mid-epoch, so a pass abandoned early (a
         # `break`) must not leave the next one starting halfway through.
-        return _run_pipeline(_val_graph, self._graph_args, self._files, self._labels, batch_size=self._batch_size,
-                             num_threads=self._num_threads, device=self._device, decode_on_gpu=self._decode_on_gpu,
-                             seed=0, channels_last=self._channels_last)
+        return _classification_batches(_val_graph, self._graph_args, self._files, self._labels,
+                                       batch_size=self._batch_size, num_threads=self._num_threads, device=self._device,
+                                       decode_on_gpu=self._decode_on_gpu, seed=0, channels_last=self._channels_last)
 

@@ -26,6 +26,7 @@ from rankkd import models
 from rankkd.distill import DistillConfig
 from rankkd.recipes import COCO_PAIRS
 from rankkd.training.config import SHARED_OPTIONS, Option, split_method
+from rankkd.training.data import LOADER_BACKENDS
 from rankkd.training.data.demo import default_cache_dir
 from rankkd.training.distributed import all_reduce_sum
 from rankkd.training.metrics import kendall_tau
@@ -88,7 +89,11 @@ OPTIONS = (
     Option("student_weights", "model", group="recipe",
            help="the student backbone's ImageNet weights: 'imagenet' (torchvision's), a classification state_dict "
                 "file, a torchvision weights name, or 'none' (random init)"),
-    _data("workers", type=int, low=0, default=2, group="run", help="loader worker processes per process (default 2)"),
+    _data("workers", type=int, low=0, default=2, group="run",
+          help="per process: DALI's CPU threads (at least 1) or the torchvision loader's worker processes (default 2)"),
+    _data("data_backend", default="auto", choices=LOADER_BACKENDS, group="run",
+          help="dali (DALI's COCO reader, decoding on the GPU), torchvision (PIL in worker processes) or auto: DALI "
+               "when nvidia-dali is installed"),
     _data("iters_per_epoch", type=int, low=1, group="recipe",
           help="iterations per epoch: evaluation and checkpoint after each (synthetic data: the steps of an epoch)"),
     _data("test_size", type=int, low=16, group="recipe", help="val: shorter side (detectron2: 800)"),
@@ -169,7 +174,7 @@ class CocoTask(Task):
         train, val = make_coco_loaders(
             dataset, batch_size=cfg.optim.batch_size, val_batch_size=cfg.optim.batch_size, rank=env.rank,
             world_size=env.world_size, device=env.device, seed=cfg.run.seed, num_workers=data.workers,
-            train_sizes=cfg.augment.train_sizes, test_size=data.test_size,
+            backend=data.data_backend, train_sizes=cfg.augment.train_sizes, test_size=data.test_size,
             max_size=data.max_size)
         val.coco_gt, val.label_to_category = load_coco_gt(dataset.val.annotation_file), dataset.label_to_category
         return SimpleNamespace(train=IterationLoader(train, data.iters_per_epoch), val=val,
