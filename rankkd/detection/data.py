@@ -14,7 +14,8 @@ Validation: every listed image, resized to test_size / max_size (800 / 1333), ea
 Loaders follow the trainers' loader protocol (set_epoch, len = steps per pass, num_samples, backend) and yield
 (list of float CHW images in [0, 1] on the device, list of {"boxes": (N, 4) float xyxy, "labels": (N,) int64}) for
 training, (images, image ids) for validation. Order and augmentation are functions of (seed, epoch, rank) only
-(rankkd.training.data.sharding), whatever the number of workers.
+(rankkd.training.data.sharding), whatever the number of workers; each sample's draws (shorter side, flip) come
+from sample_augmentation, which the DALI loaders (rankkd.detection.dali) share, so both backends read a pass alike.
 """
 from __future__ import annotations
 
