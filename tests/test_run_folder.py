@@ -157,3 +157,40 @@ def test_check_writable_refuses_a_read_only_folder(tmp_path, monkeypatch):
             check_writable(folder, "the cache folder")
     finally:
         folder.chmod(0o700)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A full disk on rank 0 stops every rank, not only rank 0 while the others train on into a collective that never ends.
+
+WRITE_ON_MAIN = """
+import errno, sys
+from pathlib import Path
+from rankkd.training.distributed import cleanup_distributed, init_distributed
+from rankkd.training.run_folder import DiskFullError, write_on_main
+
+env = init_distributed("cpu")
+out = Path(sys.argv[1])
+assert write_on_main(env, out, lambda: "written") == ("written" if env.is_main else None)
+
+def fill_the_disk():
+    raise OSError(errno.ENOSPC, "No space left on device", str(out / "last.pt"))
+
+try:
+    write_on_main(env, out, fill_the_disk)
+    print(f"rank {env.rank} went on", flush=True)
+except DiskFullError as error:
+    print(f"rank {env.rank} stopped: {error}", flush=True)
+cleanup_distributed()
+"""
+
+
+def test_a_full_disk_on_rank_0_stops_every_rank(tmp_path):
+    script = tmp_path / "write_on_main.py"
+    script.write_text(WRITE_ON_MAIN)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert lines[0].startswith(f"rank 0 stopped: no space left on the device while writing into {tmp_path}")
+    assert lines[1] == f"rank 1 stopped: rank 0 ran out of disk space while writing into {tmp_path}; stopped with it."

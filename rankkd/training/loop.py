@@ -19,7 +19,7 @@ from rankkd.training.config import record
 from rankkd.training.distributed import all_reduce_sum, average_buffers, barrier
 from rankkd.training.optim import learning_rate, make_optimizer
 from rankkd.training.progress import Progress, format_duration
-from rankkd.training.run_folder import MetricsLog, saved_progress, stop_on_full_disk
+from rankkd.training.run_folder import MetricsLog, saved_progress, write_on_main
 
 
 @dataclass
@@ -77,12 +77,7 @@ def _run_epochs(run, env):
         print0(f"{run.out} already holds all {training.start_epoch} epochs of this run: nothing to train (a larger "
                f"--epochs continues it)")
         return summary | {"best": training.best, "last": training.last_record}
-    log = None
-    if env.is_main:
-        with stop_on_full_disk(run.out):
-            settings = json.dumps(record(cfg), indent=2).encode()
-            write_atomically(run.out / "config.json", lambda file: file.write(settings))
-            log = MetricsLog(run.out, resumed_epochs=training.start_epoch)
+    log = write_on_main(env, run.out, lambda: start_log(run, training))
     print0(run_header(run, env))
     run_start = time.perf_counter()
     for epoch in range(training.start_epoch, cfg.run.epochs):
@@ -190,9 +185,8 @@ def save_epoch(run, env, training, log, is_best):
     """metrics.jsonl's line, then last.pt (and best.pt): the line first, since a resumed run drops lines past its
     checkpoint."""
     rng = gather_rng_states()  # a collective: every rank takes part
-    if not env.is_main:
-        return
-    with stop_on_full_disk(run.out):
+
+    def write():
         log.write(training.last_record)
         save_checkpoint({"student": training.student.state_dict(), "optimizer": training.optimizer.state_dict(),
                          "scaler": training.scaler.state_dict(), "epoch": training.last_record["epoch"],
@@ -200,6 +194,15 @@ def save_epoch(run, env, training, log, is_best):
                          "rng": rng}, run.out / "last.pt")
         if is_best:
             copy_atomically(run.out / "last.pt", run.out / "best.pt")
+
+    write_on_main(env, run.out, write)
+
+
+def start_log(run, training):
+    """config.json (the run's settings, rewritten at each start) and the metrics log, opened to append."""
+    settings = json.dumps(record(run.cfg), indent=2).encode()
+    write_atomically(run.out / "config.json", lambda file: file.write(settings))
+    return MetricsLog(run.out, resumed_epochs=training.start_epoch)
 
 
 def train_epoch(epoch, run, env, training):

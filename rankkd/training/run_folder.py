@@ -12,8 +12,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from rankkd.training.checkpoint import load_checkpoint, write_atomically
 from rankkd.training.config import changed_settings, flat_settings, record
+from rankkd.training.distributed import all_reduce_sum
 
 def _not_writable(what, folder, error):
     """A ValueError naming `folder` (as `what`, say "--out") and why `error` (an OSError) stopped a write there."""
@@ -209,6 +212,22 @@ def stop_on_full_disk(out):
             raise
         raise DiskFullError(f"no space left on the device while writing into {out}: {saved_progress(out)} Free some "
                             "space, then continue with --resume auto.") from None
+
+
+def write_on_main(env, out, write):
+    """write() on rank 0, inside the run's folder `out`; returns what it returns there (None elsewhere). A collective:
+    every rank calls it, and a full disk on rank 0 raises DiskFullError on every rank, which would otherwise train on
+    until their next collective waits for rank 0 forever."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            with stop_on_full_disk(out):
+                result = write()
+        except DiskFullError as caught:
+            error = caught
+    if all_reduce_sum(torch.tensor([float(error is not None)], device=env.device)).item():
+        raise error or DiskFullError(f"rank 0 ran out of disk space while writing into {out}; stopped with it.")
+    return result
 
 
 def open_run_folder(task, cfg, env):
