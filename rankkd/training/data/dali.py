@@ -222,8 +222,10 @@ def run_pipeline(graph, graph_args: dict, files: list[str], output_names: tuple[
 
     if not files:
         return
-    # A shard smaller than one batch gets a smaller pipeline batch rather than a batch mostly made of padding.
-    pipeline = pipeline_def(graph, enable_conditionals=conditionals)(
+    # A shard smaller than one batch gets a smaller pipeline batch rather than a batch mostly made of padding. The
+    # dynamic executor (DALI 2's default, stated because graphs rely on it) lets a CPU output read the shapes of GPU
+    # data, as the COCO graph does with its decoded images.
+    pipeline = pipeline_def(graph, enable_conditionals=conditionals, exec_dynamic=True)(
         **graph_args, decode_on_gpu=decode_on_gpu, batch_size=min(batch_size, len(files)), num_threads=num_threads,
         seed=seed, device_id=device.index if decode_on_gpu else None, prefetch_queue_depth=PREFETCH_DEPTH)
     batches_done = 0
