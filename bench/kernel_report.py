@@ -437,7 +437,7 @@ def triton_compile(arch, precision, mode, grad_s, grad_t):
 
 def triton_plan(kernel, rows, num_classes, grad_s, grad_t, block_i, block_j, num_warps, machine):
     resident = residency(kernel["registers"], kernel["shared"], num_warps, machine)
-    parts = triton_kendall.num_parts(rows, num_classes, block_i, machine["sms"])
+    parts = triton_kendall.num_parts(rows, num_classes, block_i, num_warps, machine["sms"])
     n_panels = -(-num_classes // block_i)
     costs = [float(kernel["per_program_clocks"])] * parts
     for part in range(parts):

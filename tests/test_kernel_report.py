@@ -98,7 +98,9 @@ def test_triton_num_parts_matches_the_reported_plan(reports):
     # The report plans the Triton launch with the library's own num_parts: a fixed sm_90 example pins it down.
     plan = reports[90]["kernels"]["triton-float32-fast-tanh-grad_s"]["shapes"]
     assert plan["512x1000"]["parts"] == 1 and plan["512x1000"]["launches"] == 1
-    assert plan["64x4096"]["programs"] >= 2 * kernel_report.MACHINES[90]["sms"]
+    # 64 rows do not fill the GPU: parts until the warps keep 95 % of the schedulers (four per SM) busy.
+    warps = plan["64x4096"]["programs"] * plan["64x4096"]["warps_per_program"]
+    assert warps >= 0.95 * 4 * kernel_report.MACHINES[90]["sms"]
 
 
 SASS = """

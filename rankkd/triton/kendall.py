@@ -358,17 +358,19 @@ def _num_sms(device):
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def num_parts(rows, num_classes, block_i, sms):
-    """Parts per row: one when the problem is too small to be worth a second launch; else the fewest that give every SM
-    two programs (four warps: one per scheduler) and leave the busiest SM at most ~5% above the mean (programs of a
-    launch cost about the same, and a few per SM all fit at once, sm_90: 5), at most MAX_PARTS and half the row's
-    panels (two panels per part, snake-dealt, keep parts even). One part per row needs no second launch, and bench/
-    kernel_report.py predicts an extra wave of programs costs more than the SMs it fills."""
+def num_parts(rows, num_classes, block_i, num_warps, sms):
+    """Parts per row: one when the problem is too small to be worth a second launch; else the fewest that keep the
+    GPU's schedulers at least 95% busy. Programs of a launch cost about the same and a few per SM all fit at once, so
+    the launch lasts as long as the busiest SM: cdiv(programs, sms) programs, their warps run four at a time (one per
+    scheduler), and never faster than one program alone. At most MAX_PARTS and half the row's panels (two panels per
+    part, snake-dealt, keep parts even). One part per row needs no second launch, and bench/kernel_report.py predicts
+    an extra wave of programs costs more than the SMs it fills."""
     if rows * num_classes * num_classes <= _SMALL_PROBLEM:
         return 1
     limit = max(1, min(MAX_PARTS, triton.cdiv(num_classes, block_i) // 2))
-    parts = min(limit, triton.cdiv(2 * sms, rows))
-    while parts < limit and 20 * rows * parts < 19 * sms * triton.cdiv(rows * parts, sms):
+    parts = 1
+    while parts < limit and (20 * rows * parts * num_warps
+                             < 19 * sms * max(4, triton.cdiv(rows * parts, sms) * num_warps)):
         parts += 1
     return parts
 
@@ -395,7 +397,7 @@ def kendall_rank(student, teacher, k, teacher_mode, precision, grad_student, gra
         block_j = BLOCK_J_INTERPRETED if INTERPRETED else 32 * num_warps
     if block_j < block_i:
         raise ValueError(f"block_j ({block_j}) must be >= block_i ({block_i}): a panel's diagonal is one block")
-    parts = num_parts(rows, num_classes, block_i, _num_sms(student.device)) if parts is None else parts
+    parts = num_parts(rows, num_classes, block_i, num_warps, _num_sms(student.device)) if parts is None else parts
     if not 1 <= parts <= MAX_PARTS:
         raise ValueError(f"parts must be in [1, MAX_PARTS = {MAX_PARTS}], got {parts}")
     k_hi = struct.unpack("f", struct.pack("f", k))[0]  # k rounded to float32; k_hi + k_lo holds k to 48 bits
