@@ -9,8 +9,9 @@ pair is evaluated once and feeds both ends:
   - the i ends (block rows) add into 2-D register tiles over the whole sweep, reduced once at the end of the panel;
   - the j ends (block columns) are summed over the block's rows, which each thread holds in registers (the block is
     laid out one column per thread, BLOCK_J = 32 * num_warps), and added to the j channels' running sums in memory.
-Only the first block of a panel (its diagonal) and the block that crosses C need masks; they are where j > i and
-j < C fail, and a dropped pair has both tanh values zeroed, so every term it adds is exactly zero.
+Only the first block of a panel (its diagonal) needs a mask per pair: there a dropped pair (j <= i, or j >= C) has both
+tanh values zeroed, so every term it adds is exactly zero. The sweep's other blocks run as one loop, the block that
+crosses C included: its columns past C are weighted by 0 per column (_pair_block).
 
 Determinism without atomics. A program owns one row and one "part" of the row's panels, and the running gradient
 sums of its part live in a slice of memory that only it touches, so every sum is formed in a fixed order.
@@ -125,13 +126,14 @@ def _add_into(ptr, values, mask):
 @triton.jit
 def _pair_block(grad_s_row, grad_t_row, num_classes, k, col_scale, offs_i, s_i, t_i, offs_j, s_j, t_j,
                 concordance, row_gs, row_gt,
-                MASKED: tl.constexpr, TEACHER_MODE_SIGN: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+                DIAGONAL: tl.constexpr, TEACHER_MODE_SIGN: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
                 PRECISION_FAST: tl.constexpr, SCALED: tl.constexpr):
     """The pairs (i, j) of one block, i in offs_i (logits s_i, t_i), j in offs_j (logits s_j, t_j): adds their
     concordance into concordance (per column), their i-end gradient terms into the 2-D tiles row_gs, row_gt, and
-    their j-end terms, summed over i and times col_scale, into the gradients at offs_j. MASKED keeps only the pairs
-    i < j < C. SCALED: the logits come times k (_load_logits; the teacher's only with the tanh teacher), one multiply
-    per element instead of one per pair."""
+    their j-end terms, summed over i and times col_scale, into the gradients at offs_j. Only pairs with j < C count;
+    DIAGONAL (the panel's first block) also drops the pairs with j <= i. SCALED: the logits come times k
+    (_load_logits; the teacher's only with the tanh teacher), one multiply per element instead of one per pair."""
+    in_row = offs_j < num_classes
     x_s = s_i[:, None] - s_j[None, :]
     x_t = t_i[:, None] - t_j[None, :]
     if not SCALED:
@@ -148,23 +150,29 @@ def _pair_block(grad_s_row, grad_t_row, num_classes, k, col_scale, offs_i, s_i, 
         if not SCALED:
             x_t = x_t * k
         b = _tanh(x_t, PRECISION_FAST, GRAD_T)
-    if MASKED:
+    if DIAGONAL:
         # Zero tanh values make every term of a dropped pair exactly zero.
-        keep = (offs_j[None, :] > offs_i[:, None]) & (offs_j[None, :] < num_classes)
+        keep = (offs_j[None, :] > offs_i[:, None]) & in_row[None, :]
         a = tl.where(keep, a, 0.0)
         b = tl.where(keep, b, 0.0)
+        column_weight = 1.0
+    else:
+        # Columns past C (the last block of a sweep; their logits load as 0, so every term is finite) are weighted by
+        # 0 where the row tiles take the terms: one FMA instead of an add, where masking the tanh values would cost
+        # two selects per pair. Their column sums are dropped whole.
+        column_weight = in_row.to(row_gs.dtype)[None, :]
     p = a * b
-    concordance += tl.sum(p, axis=0)
+    concordance += tl.where(in_row, tl.sum(p, axis=0), 0.0)
     if GRAD_S:
         # sech^2(k (s_i - s_j)) g(t_i - t_j), odd in (i, j); fast: (1 - a^2) b = b - a p, one FMA on the loss's product
         d_s = b - a * p if PRECISION_FAST else _sech2_exact(x_s) * b
-        row_gs += d_s
-        _add_into(grad_s_row + offs_j, tl.sum(d_s, axis=0) * col_scale, offs_j < num_classes)
+        row_gs += d_s * column_weight
+        _add_into(grad_s_row + offs_j, tl.sum(d_s, axis=0) * col_scale, in_row)
     if GRAD_T:
         # tanh(k (s_i - s_j)) sech^2(k (t_i - t_j)), odd in (i, j)
         d_t = a - b * p if PRECISION_FAST else a * _sech2_exact(x_t)
-        row_gt += d_t
-        _add_into(grad_t_row + offs_j, tl.sum(d_t, axis=0) * col_scale, offs_j < num_classes)
+        row_gt += d_t * column_weight
+        _add_into(grad_t_row + offs_j, tl.sum(d_t, axis=0) * col_scale, in_row)
     return concordance, row_gs, row_gt
 
 
@@ -195,9 +203,8 @@ def _part_pairs(student_row, teacher_row, grad_s_row, grad_t_row, num_classes, p
             row_gs = tl.zeros([BLOCK_I, BLOCK_J], acc_dtype)
             row_gt = tl.zeros([BLOCK_I, BLOCK_J], acc_dtype)
             first_col = panel * BLOCK_I
-            # The diagonal block (pairs within the panel, i < j), then full blocks, then the block crossing C, if any
-            # and if it is not the diagonal block. Only the first and last need masks.
-            tail = num_classes - (num_classes - first_col) % BLOCK_J
+            # The diagonal block (pairs within the panel, i < j), then the blocks after it up to C; only the first
+            # needs a mask per pair.
             offs_j = first_col + j_range
             s_j, _ = _load_logits(student_row + offs_j, offs_j < num_classes, acc_dtype, k, SCALED)
             t_j, _ = _load_logits(
@@ -205,28 +212,20 @@ def _part_pairs(student_row, teacher_row, grad_s_row, grad_t_row, num_classes, p
             concordance, row_gs, row_gt = _pair_block(
                 grad_s_row, grad_t_row, num_classes, k, -grad_scale, offs_i, s_i, t_i, offs_j, s_j, t_j,
                 concordance, row_gs, row_gt, True, TEACHER_MODE_SIGN, GRAD_S, GRAD_T, PRECISION_FAST, SCALED)
-            # Each full block's logits are loaded one block ahead, so the loads' latency hides behind the math.
+            # Each block's logits are loaded one block ahead, so the loads' latency hides behind the math.
             offs_next = first_col + BLOCK_J + j_range
-            s_next, _ = _load_logits(student_row + offs_next, offs_next < tail, acc_dtype, k, SCALED)
+            s_next, _ = _load_logits(student_row + offs_next, offs_next < num_classes, acc_dtype, k, SCALED)
             t_next, _ = _load_logits(
-                teacher_row + offs_next, offs_next < tail, acc_dtype, k, SCALED and not TEACHER_MODE_SIGN)
-            for j0 in range(first_col + BLOCK_J, tail, BLOCK_J):
+                teacher_row + offs_next, offs_next < num_classes, acc_dtype, k, SCALED and not TEACHER_MODE_SIGN)
+            for j0 in range(first_col + BLOCK_J, num_classes, BLOCK_J):
                 s_j, t_j = s_next, t_next
                 offs_next = j0 + BLOCK_J + j_range
-                s_next, _ = _load_logits(student_row + offs_next, offs_next < tail, acc_dtype, k, SCALED)
+                s_next, _ = _load_logits(student_row + offs_next, offs_next < num_classes, acc_dtype, k, SCALED)
                 t_next, _ = _load_logits(
-                    teacher_row + offs_next, offs_next < tail, acc_dtype, k, SCALED and not TEACHER_MODE_SIGN)
+                    teacher_row + offs_next, offs_next < num_classes, acc_dtype, k, SCALED and not TEACHER_MODE_SIGN)
                 concordance, row_gs, row_gt = _pair_block(
                     grad_s_row, grad_t_row, num_classes, k, -grad_scale, offs_i, s_i, t_i, j0 + j_range, s_j, t_j,
                     concordance, row_gs, row_gt, False, TEACHER_MODE_SIGN, GRAD_S, GRAD_T, PRECISION_FAST, SCALED)
-            if (tail > first_col) & (tail < num_classes):
-                offs_j = tail + j_range
-                s_j, _ = _load_logits(student_row + offs_j, offs_j < num_classes, acc_dtype, k, SCALED)
-                t_j, _ = _load_logits(
-                    teacher_row + offs_j, offs_j < num_classes, acc_dtype, k, SCALED and not TEACHER_MODE_SIGN)
-                concordance, row_gs, row_gt = _pair_block(
-                    grad_s_row, grad_t_row, num_classes, k, -grad_scale, offs_i, s_i, t_i, offs_j, s_j, t_j,
-                    concordance, row_gs, row_gt, True, TEACHER_MODE_SIGN, GRAD_S, GRAD_T, PRECISION_FAST, SCALED)
             if GRAD_S or GRAD_T:
                 tl.debug_barrier()  # the diagonal block's column sums went to this panel's own channels
             if GRAD_S:
