@@ -6,7 +6,8 @@ interpreter, slow, for tests).
 Work split. A row's C channels are cut into panels of BLOCK_I channels. Panel I pairs each of its channels i with
 every channel j > i, sweeping j from the panel's first channel to C in blocks of BLOCK_J columns, so every unordered
 pair is evaluated once and feeds both ends:
-  - the i ends (block rows) add into 2-D register tiles over the whole sweep, reduced once at the end of the panel;
+  - the i ends (block rows) add into 2-D register tiles over the whole sweep, reduced once at the end of the panel
+    (_row_sums: a halving exchange across lanes);
   - the j ends (block columns) are summed over the block's rows, which each thread holds in registers (the block is
     laid out one column per thread, BLOCK_J = 32 * num_warps), and added to the j channels' running sums in memory.
 Only the first block of a panel (its diagonal) needs a mask per pair: there a dropped pair (j <= i, or j >= C) has both
@@ -124,6 +125,31 @@ def _add_into(ptr, values, mask):
 
 
 @triton.jit
+def _halve(x, cols, H: tl.constexpr, BLOCK_J: tl.constexpr):
+    """One step of _row_sums on a [2 H, BLOCK_J] tile: [H, BLOCK_J], where column c holds row r + H (c & H != 0) of x
+    summed over columns c and c ^ H. Each column keeps one half of its rows and takes the other half from column c ^ H:
+    H exchanges and H adds instead of 2 H of each."""
+    lo, hi = tl.split(tl.permute(tl.reshape(x, [2, H, BLOCK_J]), (1, 2, 0)))
+    upper = ((cols & H) != 0)[None, :]
+    send = tl.where(upper, lo, hi)
+    keep = tl.where(upper, hi, lo)
+    return keep + tl.gather(send, tl.broadcast_to((cols ^ H)[None, :], [H, BLOCK_J]), axis=1)
+
+
+@triton.jit
+def _row_sums(tile, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """tl.sum(tile, axis=1) of a [BLOCK_I, BLOCK_J] tile whose columns lie one per lane (BLOCK_J >= BLOCK_I, powers of
+    two): after log2(BLOCK_I) halving steps column c holds row c % BLOCK_I summed over its group of BLOCK_I columns,
+    and the BLOCK_J / BLOCK_I groups are added last. BLOCK_I - 1 lane shuffles (tl.gather within a warp) where the
+    butterfly of tl.sum takes BLOCK_I * log2(BLOCK_J): 32-row panels pay for it once per panel, not per block."""
+    cols = tl.arange(0, BLOCK_J)
+    x = tile
+    for step in tl.static_range(1, BLOCK_I.bit_length()):
+        x = _halve(x, cols, BLOCK_I >> step, BLOCK_J)
+    return tl.sum(tl.reshape(x, [BLOCK_J // BLOCK_I, BLOCK_I]), axis=0)
+
+
+@triton.jit
 def _pair_block(grad_s_row, grad_t_row, num_classes, k, col_scale, offs_i, s_i, t_i, offs_j, s_j, t_j,
                 concordance, row_gs, row_gt,
                 DIAGONAL: tl.constexpr, TEACHER_MODE_SIGN: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
@@ -229,9 +255,9 @@ def _part_pairs(student_row, teacher_row, grad_s_row, grad_t_row, num_classes, p
             if GRAD_S or GRAD_T:
                 tl.debug_barrier()  # the diagonal block's column sums went to this panel's own channels
             if GRAD_S:
-                _add_into(grad_s_row + offs_i, tl.sum(row_gs, axis=1) * grad_scale, mask_i)
+                _add_into(grad_s_row + offs_i, _row_sums(row_gs, BLOCK_I, BLOCK_J) * grad_scale, mask_i)
             if GRAD_T:
-                _add_into(grad_t_row + offs_i, tl.sum(row_gt, axis=1) * grad_scale, mask_i)
+                _add_into(grad_t_row + offs_i, _row_sums(row_gt, BLOCK_I, BLOCK_J) * grad_scale, mask_i)
 
     return concordance, non_finite
 
