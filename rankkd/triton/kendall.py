@@ -367,11 +367,13 @@ def _kendall_sum_parts_kernel(
 INTERPRETED = not isinstance(_kendall_pairs_kernel, triton.runtime.JITFunction)
 
 # Launch shape. A block is BLOCK_J = 32 * num_warps columns, one per thread, times BLOCK_I rows that every thread holds
-# in registers, so the column sums of a block stay within a thread. Two warps keep blocks narrow (64 columns: little
-# waste in the half-empty block where a panel's sweep meets the row's end) while the SM runs several programs. Rows
-# per thread are as many as fit without spilling (bench/kernel_report.py reads the registers and programs per SM from
-# the SASS); the exact tanh needs more live values, and float64 twice the registers.
-NUM_WARPS = 2
+# in registers, so the column sums of a block stay within a thread. One warp keeps blocks as narrow as they get (32
+# columns: the least waste in the masked diagonal block and in the half-empty block where a panel's sweep meets the
+# row's end) and the panel's row sums within a warp; an SM runs many one-warp programs, and num_parts deals enough of
+# them to give each scheduler one. Rows per thread are as many as fit without spilling (bench/kernel_report.py reads
+# the registers and programs per SM from the SASS); the exact tanh needs more live values, and float64 twice the
+# registers.
+NUM_WARPS = 1
 BLOCK_I_FAST, BLOCK_I_EXACT, BLOCK_I_FLOAT64 = 32, 16, 8
 # The interpreter runs a block as numpy operations on whole arrays: fewer, larger blocks are faster there.
 BLOCK_I_INTERPRETED, BLOCK_J_INTERPRETED = 64, 256
