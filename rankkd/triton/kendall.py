@@ -386,20 +386,23 @@ def _num_sms(device):
 
 
 def num_parts(rows, num_classes, block_i, num_warps, sms):
-    """Parts per row: one when the problem is too small to be worth a second launch; else the fewest that keep the
-    GPU's schedulers at least 95% busy. Programs of a launch cost about the same and a few per SM all fit at once, so
-    the launch lasts as long as the busiest SM: cdiv(programs, sms) programs, their warps run four at a time (one per
-    scheduler), and never faster than one program alone. At most MAX_PARTS and half the row's panels (two panels per
-    part, snake-dealt, keep parts even). One part per row needs no second launch, and bench/kernel_report.py predicts
-    an extra wave of programs costs more than the SMs it fills."""
+    """Parts per row: one when the problem is too small to be worth a second launch; else the fewest whose warps give
+    (to within 5%) each of the GPU's schedulers, four per SM, one, or up to twice as many where that evens out the
+    SMs. Programs of a launch cost about the same and a few per SM fit at once, so a launch lasts as long as its
+    busiest SM: cdiv(programs, sms) programs, whose warps run four at a time. Rows that give every scheduler a warp on
+    their own run as one part: one launch, and bench/kernel_report.py predicts that splitting them to even out the SMs
+    costs more (a second launch, waves beyond the programs that fit at once). At most MAX_PARTS and half the row's
+    panels (two panels per part, snake-dealt, keep parts even)."""
     if rows * num_classes * num_classes <= _SMALL_PROBLEM:
         return 1
     limit = max(1, min(MAX_PARTS, triton.cdiv(num_classes, block_i) // 2))
-    parts = 1
-    while parts < limit and (20 * rows * parts * num_warps
-                             < 19 * sms * max(4, triton.cdiv(rows * parts, sms) * num_warps)):
-        parts += 1
-    return parts
+    fewest = min(limit, triton.cdiv(triton.cdiv(19 * 4 * sms, 20 * num_warps), rows))
+
+    def busy(parts):  # the share of the schedulers' time that the launch keeps busy
+        programs = rows * parts
+        return programs * num_warps / (sms * max(4, triton.cdiv(programs, sms) * num_warps))
+
+    return max(range(fewest, min(limit, 2 * fewest - 1) + 1), key=lambda parts: (busy(parts), -parts))
 
 
 def kendall_rank(student, teacher, k, teacher_mode, precision, grad_student, grad_teacher, *, block_i=None,
