@@ -126,9 +126,9 @@ def _add_into(ptr, values, mask):
 
 @triton.jit
 def _halve(x, cols, H: tl.constexpr, BLOCK_J: tl.constexpr):
-    """One step of _row_sums on a [2 H, BLOCK_J] tile: [H, BLOCK_J], where column c holds row r + H (c & H != 0) of x
-    summed over columns c and c ^ H. Each column keeps one half of its rows and takes the other half from column c ^ H:
-    H exchanges and H adds instead of 2 H of each."""
+    """One step of _row_sums on a [2 H, BLOCK_J] tile x: the [H, BLOCK_J] tile whose (r, c) is x[r', c] + x[r', c ^ H]
+    with r' = r + H if c & H else r. Column c keeps one half of its rows and gets the other half's partners from
+    column c ^ H: H exchanges and H adds, where a butterfly over the same columns takes 2 H of each."""
     lo, hi = tl.split(tl.permute(tl.reshape(x, [2, H, BLOCK_J]), (1, 2, 0)))
     upper = ((cols & H) != 0)[None, :]
     send = tl.where(upper, lo, hi)
@@ -141,7 +141,7 @@ def _row_sums(tile, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     """tl.sum(tile, axis=1) of a [BLOCK_I, BLOCK_J] tile whose columns lie one per lane (BLOCK_J >= BLOCK_I, powers of
     two): after log2(BLOCK_I) halving steps column c holds row c % BLOCK_I summed over its group of BLOCK_I columns,
     and the BLOCK_J / BLOCK_I groups are added last. BLOCK_I - 1 lane shuffles (tl.gather within a warp) where the
-    butterfly of tl.sum takes BLOCK_I * log2(BLOCK_J): 32-row panels pay for it once per panel, not per block."""
+    butterflies of tl.sum take BLOCK_I * log2(BLOCK_J). The result does not depend on the layout, only its cost."""
     cols = tl.arange(0, BLOCK_J)
     x = tile
     for step in tl.static_range(1, BLOCK_I.bit_length()):
