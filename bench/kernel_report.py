@@ -437,7 +437,7 @@ def triton_compile(arch, precision, mode, grad_s, grad_t):
 
 def triton_plan(kernel, rows, num_classes, grad_s, grad_t, block_i, block_j, num_warps, machine):
     resident = residency(kernel["registers"], kernel["shared"], num_warps, machine)
-    parts = triton_kendall.num_parts(rows, num_classes, block_i, machine["sms"])
+    parts = triton_kendall.num_parts(rows, num_classes, block_i, num_warps, machine["sms"])
     n_panels = -(-num_classes // block_i)
     costs = [float(kernel["per_program_clocks"])] * parts
     for part in range(parts):
@@ -445,10 +445,9 @@ def triton_plan(kernel, rows, num_classes, grad_s, grad_t, block_i, block_j, num
             panel = deal * parts + (part if deal % 2 == 0 else parts - 1 - part)
             if panel >= n_panels:
                 continue
-            first = panel * block_i
-            tail = num_classes - (num_classes - first) % block_j
-            full_blocks = max(0, (tail - first - block_j) // block_j)
-            costs[part] += full_blocks * kernel["loop_clocks"] + kernel["per_trip_clocks"]
+            # The diagonal block is per-trip code; the loop runs the blocks after it, the one crossing C included.
+            loop_blocks = -(-(num_classes - panel * block_i) // block_j) - 1
+            costs[part] += loop_blocks * kernel["loop_clocks"] + kernel["per_trip_clocks"]
     grads = int(grad_s) + int(grad_t)
     small = 0 if parts == 1 else rows * num_classes * 4 * grads * (parts + 1)
     programs = [costs[part] for part in range(parts) for _ in range(rows)]  # grid (rows, parts): rows fastest

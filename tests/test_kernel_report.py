@@ -18,15 +18,15 @@ if not (kernel_report.TOOLS / "cuobjdump").exists():
     pytest.skip("this triton package ships no cuobjdump", allow_module_level=True)
 
 # Predicted time over the 2-MUFU floor, sm_90, fast precision, tanh teacher, student gradient. Issue 22's goals: CUDA
-# <= 1.15 (512x1000, 128x1000) and <= 1.05 (64x4096), Triton <= 1.35 (512x1000) and <= 1.25 (64x4096). Not all are
-# reached yet (CUDA still runs three launches and pays per-strip code and 64-wide padding; Triton pays per-panel masked
-# blocks and row reductions), so each bound is the goal or, where the tuning fell short, what it reached plus ~2 %.
-# Reached (2026-12-04): CUDA 1.274 / 1.516 / 1.108, Triton 1.418 / 1.151 (64x4096 within its goal; the bound stays
-# below it). They include the guards that keep the fast path exact for any k in the op's range (a row whose k x would
+# <= 1.15 (512x1000, 128x1000) and <= 1.05 (64x4096), Triton <= 1.35 (512x1000) and <= 1.25 (64x4096). Each bound is
+# what the tuning reached plus ~2 %, or the goal where that is lower. CUDA's are not reached yet (it still runs
+# three launches and pays per-strip code and 64-wide padding). Reached (2026-12-04): CUDA 1.274 / 1.516 / 1.108,
+# Triton 1.155 / 1.075 (both within their goals; what is left is the masked diagonal block and the row exchange per
+# panel). They include the guards that keep the fast path exact for any k in the op's range (a row whose k x would
 # overflow is evaluated unscaled): ~0.5 % of per-program code.
 GOALS = {
     ("cuda", "512x1000"): 1.30, ("cuda", "128x1000"): 1.55, ("cuda", "64x4096"): 1.13,
-    ("triton", "512x1000"): 1.45, ("triton", "64x4096"): 1.18,
+    ("triton", "512x1000"): 1.18, ("triton", "64x4096"): 1.10,
 }
 
 
@@ -98,7 +98,9 @@ def test_triton_num_parts_matches_the_reported_plan(reports):
     # The report plans the Triton launch with the library's own num_parts: a fixed sm_90 example pins it down.
     plan = reports[90]["kernels"]["triton-float32-fast-tanh-grad_s"]["shapes"]
     assert plan["512x1000"]["parts"] == 1 and plan["512x1000"]["launches"] == 1
-    assert plan["64x4096"]["programs"] >= 2 * kernel_report.MACHINES[90]["sms"]
+    # 64 rows do not fill the GPU: parts until the warps keep 95 % of the schedulers (four per SM) busy.
+    warps = plan["64x4096"]["programs"] * plan["64x4096"]["warps_per_program"]
+    assert warps >= 0.95 * 4 * kernel_report.MACHINES[90]["sms"]
 
 
 SASS = """

@@ -6,11 +6,13 @@ interpreter, slow, for tests).
 Work split. A row's C channels are cut into panels of BLOCK_I channels. Panel I pairs each of its channels i with
 every channel j > i, sweeping j from the panel's first channel to C in blocks of BLOCK_J columns, so every unordered
 pair is evaluated once and feeds both ends:
-  - the i ends (block rows) add into 2-D register tiles over the whole sweep, reduced once at the end of the panel;
+  - the i ends (block rows) add into 2-D register tiles over the whole sweep, reduced once at the end of the panel
+    (_row_sums: a halving exchange across lanes);
   - the j ends (block columns) are summed over the block's rows, which each thread holds in registers (the block is
     laid out one column per thread, BLOCK_J = 32 * num_warps), and added to the j channels' running sums in memory.
-Only the first block of a panel (its diagonal) and the block that crosses C need masks; they are where j > i and
-j < C fail, and a dropped pair has both tanh values zeroed, so every term it adds is exactly zero.
+Only the first block of a panel (its diagonal) needs a mask per pair: there a dropped pair (j <= i, or j >= C) has both
+tanh values zeroed, so every term it adds is exactly zero. The sweep's other blocks run as one loop, the block that
+crosses C included: its columns past C are weighted by 0 per column (_pair_block).
 
 Determinism without atomics. A program owns one row and one "part" of the row's panels, and the running gradient
 sums of its part live in a slice of memory that only it touches, so every sum is formed in a fixed order.
@@ -123,15 +125,41 @@ def _add_into(ptr, values, mask):
 
 
 @triton.jit
+def _halve(x, cols, H: tl.constexpr, BLOCK_J: tl.constexpr):
+    """One step of _row_sums on a [2 H, BLOCK_J] tile x: the [H, BLOCK_J] tile whose (r, c) is x[r', c] + x[r', c ^ H]
+    with r' = r + H if c & H else r. Column c keeps one half of its rows and gets the other half's partners from
+    column c ^ H: H exchanges and H adds, where a butterfly over the same columns takes 2 H of each."""
+    lo, hi = tl.split(tl.permute(tl.reshape(x, [2, H, BLOCK_J]), (1, 2, 0)))
+    upper = ((cols & H) != 0)[None, :]
+    send = tl.where(upper, lo, hi)
+    keep = tl.where(upper, hi, lo)
+    return keep + tl.gather(send, tl.broadcast_to((cols ^ H)[None, :], [H, BLOCK_J]), axis=1)
+
+
+@triton.jit
+def _row_sums(tile, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """tl.sum(tile, axis=1) of a [BLOCK_I, BLOCK_J] tile whose columns lie one per lane (BLOCK_J >= BLOCK_I, powers of
+    two): after log2(BLOCK_I) halving steps column c holds row c % BLOCK_I summed over its group of BLOCK_I columns,
+    and the BLOCK_J / BLOCK_I groups are added last. BLOCK_I - 1 lane shuffles (tl.gather within a warp) where the
+    butterflies of tl.sum take BLOCK_I * log2(BLOCK_J). The result does not depend on the layout, only its cost."""
+    cols = tl.arange(0, BLOCK_J)
+    x = tile
+    for step in tl.static_range(1, BLOCK_I.bit_length()):
+        x = _halve(x, cols, BLOCK_I >> step, BLOCK_J)
+    return tl.sum(tl.reshape(x, [BLOCK_J // BLOCK_I, BLOCK_I]), axis=0)
+
+
+@triton.jit
 def _pair_block(grad_s_row, grad_t_row, num_classes, k, col_scale, offs_i, s_i, t_i, offs_j, s_j, t_j,
                 concordance, row_gs, row_gt,
-                MASKED: tl.constexpr, TEACHER_MODE_SIGN: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+                DIAGONAL: tl.constexpr, TEACHER_MODE_SIGN: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
                 PRECISION_FAST: tl.constexpr, SCALED: tl.constexpr):
     """The pairs (i, j) of one block, i in offs_i (logits s_i, t_i), j in offs_j (logits s_j, t_j): adds their
     concordance into concordance (per column), their i-end gradient terms into the 2-D tiles row_gs, row_gt, and
-    their j-end terms, summed over i and times col_scale, into the gradients at offs_j. MASKED keeps only the pairs
-    i < j < C. SCALED: the logits come times k (_load_logits; the teacher's only with the tanh teacher), one multiply
-    per element instead of one per pair."""
+    their j-end terms, summed over i and times col_scale, into the gradients at offs_j. Only pairs with j < C count;
+    DIAGONAL (the panel's first block) also drops the pairs with j <= i. SCALED: the logits come times k
+    (_load_logits; the teacher's only with the tanh teacher), one multiply per element instead of one per pair."""
+    in_row = offs_j < num_classes
     x_s = s_i[:, None] - s_j[None, :]
     x_t = t_i[:, None] - t_j[None, :]
     if not SCALED:
@@ -148,23 +176,29 @@ def _pair_block(grad_s_row, grad_t_row, num_classes, k, col_scale, offs_i, s_i, 
         if not SCALED:
             x_t = x_t * k
         b = _tanh(x_t, PRECISION_FAST, GRAD_T)
-    if MASKED:
+    if DIAGONAL:
         # Zero tanh values make every term of a dropped pair exactly zero.
-        keep = (offs_j[None, :] > offs_i[:, None]) & (offs_j[None, :] < num_classes)
+        keep = (offs_j[None, :] > offs_i[:, None]) & in_row[None, :]
         a = tl.where(keep, a, 0.0)
         b = tl.where(keep, b, 0.0)
+        column_weight = 1.0
+    else:
+        # Columns past C (the last block of a sweep; their logits load as 0, so every term is finite) are weighted by
+        # 0 where the row tiles take the terms: one FMA instead of an add, where masking the tanh values would cost
+        # two selects per pair. Their column sums are dropped whole.
+        column_weight = in_row.to(row_gs.dtype)[None, :]
     p = a * b
-    concordance += tl.sum(p, axis=0)
+    concordance += tl.where(in_row, tl.sum(p, axis=0), 0.0)
     if GRAD_S:
         # sech^2(k (s_i - s_j)) g(t_i - t_j), odd in (i, j); fast: (1 - a^2) b = b - a p, one FMA on the loss's product
         d_s = b - a * p if PRECISION_FAST else _sech2_exact(x_s) * b
-        row_gs += d_s
-        _add_into(grad_s_row + offs_j, tl.sum(d_s, axis=0) * col_scale, offs_j < num_classes)
+        row_gs += d_s * column_weight
+        _add_into(grad_s_row + offs_j, tl.sum(d_s, axis=0) * col_scale, in_row)
     if GRAD_T:
         # tanh(k (s_i - s_j)) sech^2(k (t_i - t_j)), odd in (i, j)
         d_t = a - b * p if PRECISION_FAST else a * _sech2_exact(x_t)
-        row_gt += d_t
-        _add_into(grad_t_row + offs_j, tl.sum(d_t, axis=0) * col_scale, offs_j < num_classes)
+        row_gt += d_t * column_weight
+        _add_into(grad_t_row + offs_j, tl.sum(d_t, axis=0) * col_scale, in_row)
     return concordance, row_gs, row_gt
 
 
@@ -195,9 +229,8 @@ def _part_pairs(student_row, teacher_row, grad_s_row, grad_t_row, num_classes, p
             row_gs = tl.zeros([BLOCK_I, BLOCK_J], acc_dtype)
             row_gt = tl.zeros([BLOCK_I, BLOCK_J], acc_dtype)
             first_col = panel * BLOCK_I
-            # The diagonal block (pairs within the panel, i < j), then full blocks, then the block crossing C, if any
-            # and if it is not the diagonal block. Only the first and last need masks.
-            tail = num_classes - (num_classes - first_col) % BLOCK_J
+            # The diagonal block (pairs within the panel, i < j), then the blocks after it up to C; only the first
+            # needs a mask per pair.
             offs_j = first_col + j_range
             s_j, _ = _load_logits(student_row + offs_j, offs_j < num_classes, acc_dtype, k, SCALED)
             t_j, _ = _load_logits(
@@ -205,34 +238,26 @@ def _part_pairs(student_row, teacher_row, grad_s_row, grad_t_row, num_classes, p
             concordance, row_gs, row_gt = _pair_block(
                 grad_s_row, grad_t_row, num_classes, k, -grad_scale, offs_i, s_i, t_i, offs_j, s_j, t_j,
                 concordance, row_gs, row_gt, True, TEACHER_MODE_SIGN, GRAD_S, GRAD_T, PRECISION_FAST, SCALED)
-            # Each full block's logits are loaded one block ahead, so the loads' latency hides behind the math.
+            # Each block's logits are loaded one block ahead, so the loads' latency hides behind the math.
             offs_next = first_col + BLOCK_J + j_range
-            s_next, _ = _load_logits(student_row + offs_next, offs_next < tail, acc_dtype, k, SCALED)
+            s_next, _ = _load_logits(student_row + offs_next, offs_next < num_classes, acc_dtype, k, SCALED)
             t_next, _ = _load_logits(
-                teacher_row + offs_next, offs_next < tail, acc_dtype, k, SCALED and not TEACHER_MODE_SIGN)
-            for j0 in range(first_col + BLOCK_J, tail, BLOCK_J):
+                teacher_row + offs_next, offs_next < num_classes, acc_dtype, k, SCALED and not TEACHER_MODE_SIGN)
+            for j0 in range(first_col + BLOCK_J, num_classes, BLOCK_J):
                 s_j, t_j = s_next, t_next
                 offs_next = j0 + BLOCK_J + j_range
-                s_next, _ = _load_logits(student_row + offs_next, offs_next < tail, acc_dtype, k, SCALED)
+                s_next, _ = _load_logits(student_row + offs_next, offs_next < num_classes, acc_dtype, k, SCALED)
                 t_next, _ = _load_logits(
-                    teacher_row + offs_next, offs_next < tail, acc_dtype, k, SCALED and not TEACHER_MODE_SIGN)
+                    teacher_row + offs_next, offs_next < num_classes, acc_dtype, k, SCALED and not TEACHER_MODE_SIGN)
                 concordance, row_gs, row_gt = _pair_block(
                     grad_s_row, grad_t_row, num_classes, k, -grad_scale, offs_i, s_i, t_i, j0 + j_range, s_j, t_j,
                     concordance, row_gs, row_gt, False, TEACHER_MODE_SIGN, GRAD_S, GRAD_T, PRECISION_FAST, SCALED)
-            if (tail > first_col) & (tail < num_classes):
-                offs_j = tail + j_range
-                s_j, _ = _load_logits(student_row + offs_j, offs_j < num_classes, acc_dtype, k, SCALED)
-                t_j, _ = _load_logits(
-                    teacher_row + offs_j, offs_j < num_classes, acc_dtype, k, SCALED and not TEACHER_MODE_SIGN)
-                concordance, row_gs, row_gt = _pair_block(
-                    grad_s_row, grad_t_row, num_classes, k, -grad_scale, offs_i, s_i, t_i, offs_j, s_j, t_j,
-                    concordance, row_gs, row_gt, True, TEACHER_MODE_SIGN, GRAD_S, GRAD_T, PRECISION_FAST, SCALED)
             if GRAD_S or GRAD_T:
                 tl.debug_barrier()  # the diagonal block's column sums went to this panel's own channels
             if GRAD_S:
-                _add_into(grad_s_row + offs_i, tl.sum(row_gs, axis=1) * grad_scale, mask_i)
+                _add_into(grad_s_row + offs_i, _row_sums(row_gs, BLOCK_I, BLOCK_J) * grad_scale, mask_i)
             if GRAD_T:
-                _add_into(grad_t_row + offs_i, tl.sum(row_gt, axis=1) * grad_scale, mask_i)
+                _add_into(grad_t_row + offs_i, _row_sums(row_gt, BLOCK_I, BLOCK_J) * grad_scale, mask_i)
 
     return concordance, non_finite
 
@@ -342,11 +367,13 @@ def _kendall_sum_parts_kernel(
 INTERPRETED = not isinstance(_kendall_pairs_kernel, triton.runtime.JITFunction)
 
 # Launch shape. A block is BLOCK_J = 32 * num_warps columns, one per thread, times BLOCK_I rows that every thread holds
-# in registers, so the column sums of a block stay within a thread. Two warps keep blocks narrow (64 columns: little
-# waste in the half-empty block where a panel's sweep meets the row's end) while the SM runs several programs. Rows
-# per thread are as many as fit without spilling (bench/kernel_report.py reads the registers and programs per SM from
-# the SASS); the exact tanh needs more live values, and float64 twice the registers.
-NUM_WARPS = 2
+# in registers, so the column sums of a block stay within a thread. One warp keeps blocks as narrow as they get (32
+# columns: the least waste in the masked diagonal block and in the half-empty block where a panel's sweep meets the
+# row's end) and the panel's row sums within a warp; an SM runs many one-warp programs, and num_parts deals enough of
+# them to give each scheduler one. Rows per thread are as many as fit without spilling (bench/kernel_report.py reads
+# the registers and programs per SM from the SASS); the exact tanh needs more live values, and float64 twice the
+# registers.
+NUM_WARPS = 1
 BLOCK_I_FAST, BLOCK_I_EXACT, BLOCK_I_FLOAT64 = 32, 16, 8
 # The interpreter runs a block as numpy operations on whole arrays: fewer, larger blocks are faster there.
 BLOCK_I_INTERPRETED, BLOCK_J_INTERPRETED = 64, 256
@@ -358,19 +385,24 @@ def _num_sms(device):
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def num_parts(rows, num_classes, block_i, sms):
-    """Parts per row: one when the problem is too small to be worth a second launch; else the fewest that give every SM
-    two programs (four warps: one per scheduler) and leave the busiest SM at most ~5% above the mean (programs of a
-    launch cost about the same, and a few per SM all fit at once, sm_90: 5), at most MAX_PARTS and half the row's
-    panels (two panels per part, snake-dealt, keep parts even). One part per row needs no second launch, and bench/
-    kernel_report.py predicts an extra wave of programs costs more than the SMs it fills."""
+def num_parts(rows, num_classes, block_i, num_warps, sms):
+    """Parts per row: one when the problem is too small to be worth a second launch; else the fewest whose warps give
+    (to within 5%) each of the GPU's schedulers, four per SM, one, or up to twice as many where that evens out the
+    SMs. Programs of a launch cost about the same and a few per SM fit at once, so a launch lasts as long as its
+    busiest SM: cdiv(programs, sms) programs, whose warps run four at a time. Rows that give every scheduler a warp on
+    their own run as one part: one launch, and bench/kernel_report.py predicts that splitting them to even out the SMs
+    costs more (a second launch, waves beyond the programs that fit at once). At most MAX_PARTS and half the row's
+    panels (two panels per part, snake-dealt, keep parts even)."""
     if rows * num_classes * num_classes <= _SMALL_PROBLEM:
         return 1
     limit = max(1, min(MAX_PARTS, triton.cdiv(num_classes, block_i) // 2))
-    parts = min(limit, triton.cdiv(2 * sms, rows))
-    while parts < limit and 20 * rows * parts < 19 * sms * triton.cdiv(rows * parts, sms):
-        parts += 1
-    return parts
+    fewest = min(limit, triton.cdiv(triton.cdiv(19 * 4 * sms, 20 * num_warps), rows))
+
+    def busy(parts):  # the share of the schedulers' time that the launch keeps busy
+        programs = rows * parts
+        return programs * num_warps / (sms * max(4, triton.cdiv(programs, sms) * num_warps))
+
+    return max(range(fewest, min(limit, 2 * fewest - 1) + 1), key=lambda parts: (busy(parts), -parts))
 
 
 def kendall_rank(student, teacher, k, teacher_mode, precision, grad_student, grad_teacher, *, block_i=None,
@@ -395,7 +427,7 @@ def kendall_rank(student, teacher, k, teacher_mode, precision, grad_student, gra
         block_j = BLOCK_J_INTERPRETED if INTERPRETED else 32 * num_warps
     if block_j < block_i:
         raise ValueError(f"block_j ({block_j}) must be >= block_i ({block_i}): a panel's diagonal is one block")
-    parts = num_parts(rows, num_classes, block_i, _num_sms(student.device)) if parts is None else parts
+    parts = num_parts(rows, num_classes, block_i, num_warps, _num_sms(student.device)) if parts is None else parts
     if not 1 <= parts <= MAX_PARTS:
         raise ValueError(f"parts must be in [1, MAX_PARTS = {MAX_PARTS}], got {parts}")
     k_hi = struct.unpack("f", struct.pack("f", k))[0]  # k rounded to float32; k_hi + k_lo holds k to 48 bits
