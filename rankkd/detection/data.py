@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from rankkd.training.data import resolve_loader_backend
+from rankkd.training.data import resolve_device, resolve_loader_backend
 from rankkd.training.data.sharding import TrainShard, ValShard
 
 TRAIN_SIZES = (640, 672, 704, 736, 768, 800)  # detectron2's MIN_SIZE_TRAIN of Base-RCNN-FPN
@@ -308,7 +308,7 @@ def make_coco_loaders(dataset: CocoDataset, *, batch_size: int, val_batch_size: 
     """The (train, val) loaders of one rank over a checked dataset (check_coco). backend: "dali" (GPU decoding on a
     CUDA device), "torchvision" (PIL in num_workers processes) or "auto" (DALI when installed). num_workers: the
     DataLoader's worker processes, or DALI's CPU threads (at least one)."""
-    device = torch.device(device)
+    device = resolve_device(device)
     if resolve_loader_backend(backend) == "dali":
         from rankkd.detection.dali import DaliCocoTrainLoader, DaliCocoValLoader
 

@@ -65,7 +65,8 @@ class DataLoaders:
         return self.train.backend
 
 
-def _resolve_device(device: torch.device | str) -> torch.device:
+def resolve_device(device: torch.device | str) -> torch.device:
+    """`device` checked, a CUDA device with its index (DALI needs one)."""
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -153,7 +154,7 @@ def make_loaders(root: str | os.PathLike, *, batch_size: int, image_size: int = 
             raise ValueError(f"make_loaders: {name} must be {requirement}, got {value!r}")
     if decode_device not in DECODE_DEVICES:
         raise ValueError(f"decode_device must be one of {DECODE_DEVICES}, got {decode_device!r}")
-    device = _resolve_device(device)
+    device = resolve_device(device)
     backend = resolve_loader_backend(backend)
     listing = list_image_folder(root)
     if len(listing.train) < batch_size * world_size:
@@ -193,8 +194,8 @@ def synthetic_loader(*, batch_size: int, image_size: int, num_classes: int, step
         if value < 1:
             raise ValueError(f"synthetic_loader: {name} must be >= 1, got {value}")
     return SyntheticLoader(batch_size=batch_size, image_size=image_size, num_classes=num_classes, steps=steps,
-                           device=_resolve_device(device), channels_last=channels_last, seed=seed)
+                           device=resolve_device(device), channels_last=channels_last, seed=seed)
 
 
-__all__ = ["LOADER_BACKENDS", "resolve_loader_backend", "DEMO_IMAGE_SIZE", "DEMO_NUM_CLASSES", "BadImageError", "BatchLoader", "DataLoaders",
+__all__ = ["LOADER_BACKENDS", "resolve_device", "resolve_loader_backend", "DEMO_IMAGE_SIZE", "DEMO_NUM_CLASSES", "BadImageError", "BatchLoader", "DataLoaders",
            "ImageFolderError", "TrainAugmentation", "make_loaders", "prepare_demo", "synthetic_loader"]

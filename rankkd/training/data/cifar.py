@@ -386,7 +386,7 @@ def make_device_loaders(arrays: ImageArrays, *, batch_size: int, device: torch.d
     batch_size) over this rank's block; the blocks of all ranks cover every val image once. Batches are float32
     (N, 3, H, W) normalized with mean/std (default: the arrays' own), channels_last when asked, and int64 labels.
     """
-    from rankkd.training.data import DataLoaders, _resolve_device  # the package re-exports this module
+    from rankkd.training.data import DataLoaders, resolve_device  # the package re-exports this module
 
     val_batch_size = batch_size if val_batch_size is None else val_batch_size
     for name, value, minimum in (("batch_size", batch_size, 1), ("val_batch_size", val_batch_size, 1),
@@ -402,7 +402,7 @@ def make_device_loaders(arrays: ImageArrays, *, batch_size: int, device: torch.d
     mean = arrays.mean if mean is None else tuple(mean)
     std = arrays.std if std is None else tuple(std)
     _check_channel_stats(mean, std, "make_device_loaders")
-    device = _resolve_device(device)
+    device = resolve_device(device)
     scale, shift = _normalizer(mean, std, device)
     common = {"rank": rank, "world_size": world_size, "scale": scale, "shift": shift, "channels_last": channels_last}
     train = DeviceTrainLoader(arrays.train_images.to(device), arrays.train_labels.to(device), batch_size=batch_size,
