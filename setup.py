@@ -11,7 +11,10 @@ from torch.utils import cpp_extension
 os.environ.setdefault("PIP_NO_BUILD_ISOLATION", "0")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "8.0;8.9;9.0+PTX"  # A100, L4/L40/RTX 4090, H100/H200; PTX for newer GPUs
+# SASS for A100/A30 (sm_80, also run by sm_86/87 GPUs), L4/L40S/RTX 4090 (sm_89), H100/H200 (sm_90), B200/GB200
+# (sm_100) and RTX 5090 / RTX PRO 6000 (sm_120, also run by sm_121), and PTX of the newest for GPUs after it. CI builds
+# the same list, so CUDA code that does not compile for one of them fails there.
+DEFAULT_ARCHS = "8.0;8.9;9.0;10.0;12.0+PTX"
 
 
 def want_cuda():

@@ -5,9 +5,13 @@
 # precision "fast", fp32 with precision "exact"), the ImageNet trainer's synthetic ResNet-34 -> ResNet-18 KD +
 # ranking-loss throughput run, the CIFAR-100 trainer's synthetic ResNet32x4 -> ResNet8x4 one and the COCO trainer's
 # synthetic R-101 -> R-18 one, and writes the logs
-# and result files into OUTDIR. Each step has its own time limit; the limits add up to 590 s, under the device tool's
-# 10 minutes a call (the expected run: about 7 minutes). A failing step is reported and the rest still run; the exit
-# status says whether all passed.
+# and result files into OUTDIR. Kernel checks first: the hardware tanh over every float32
+# (bench/tanh_approx_sweep.py), the fast path at large logit offsets (tests/test_fast_path_offsets.py, in the tests
+# step) and the Triton kernel with 1, 2 and 3 parts per row at 512x1000 (bench/triton_parts.py, under ncu's
+# warp-state and compute-workload sections when ncu is installed). Each step has its own time limit, and the whole
+# run a budget of GPU_CHECK_BUDGET_S (default 580 s, under the device tool's 10 minutes a call): a step gets at most
+# what is left of it, and a step with under 10 s left is skipped and reported. A failing step is reported and the
+# rest still run; the exit status says whether all passed.
 # rank-cost (a second device call): the build, then the same three trainer runs with --rank-weight 0, so that the
 # ranking loss's share of the step is the difference of the two calls' train_img_s.
 # grid (a device call of its own): the build, then train/cifar100_table.py on synthetic data, four ResNet32x4 ->
@@ -32,10 +36,18 @@ if [ -z "${CUDA_HOME:-}" ]; then  # the toolkit root that nvcc belongs to (the n
   done
 fi
 failed=()
+budget_end=$((SECONDS + ${GPU_CHECK_BUDGET_S:-580}))
 
 step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a time limit; its output goes to OUTDIR/gpu_check.log
   local name=$1 limit=$2
   shift 2
+  local left=$((budget_end - SECONDS))
+  if [ $left -lt 10 ]; then
+    echo "== $name: skipped, the run's budget is spent" | tee -a "$log"
+    failed+=("$name(skipped)")
+    return
+  fi
+  [ "$limit" -gt $left ] && limit=$left
   echo "== $name (limit ${limit}s): $*" | tee -a "$log"
   local begin=$SECONDS
   timeout "$limit" "$@" >> "$log" 2>&1
@@ -56,7 +68,15 @@ step build 90 env MAX_JOBS=16 python setup.py develop
 if [ "$mode" = all ]; then
   # RANKKD_EXPECT_CUDA_KERNEL=1: a build that left out the CUDA kernel fails the tests instead of skipping them.
   step tests 150 env RANKKD_EXPECT_CUDA_KERNEL=1 python -m pytest -q -x tests/test_kendall.py tests/test_triton.py \
-    tests/test_cuda.py tests/test_losses.py tests/test_distill.py
+    tests/test_cuda.py tests/test_fast_path_offsets.py tests/test_losses.py tests/test_distill.py
+  # Results print into the log (the device tool brings back at most 8 files).
+  step tanh_sweep 30 python bench/tanh_approx_sweep.py
+  if command -v ncu > /dev/null; then
+    step triton_parts_ncu 60 ncu --section WarpStateStats --section ComputeWorkloadAnalysis \
+      --kernel-name regex:_kendall_pairs_kernel --launch-skip 3 --launch-count 3 \
+      python bench/triton_parts.py --parts 1,2,3 --profile
+  fi
+  step triton_parts 30 python bench/triton_parts.py --shape 512x1000 --parts 1,2,3
   step bench_fp32 70 python bench/loss_bench.py --device cuda --dtype float32 --json "$out/loss_cuda_float32.json"
   # The machine-code model (bench/kernel_report.py) for this GPU's architecture, its predictions written beside the
   # times just measured: checks the model itself.

@@ -2,8 +2,9 @@
 //
 // Three launches on the current stream:
 //   1. prepare   one CTA per row: converts the logits to the math type (float, or double for float64), zero-pads each
-//                row to whole tiles, multiplies by k for Precision::kFast (prescaled logits), and flags rows that hold
-//                a non-finite logit (no host sync: the flag travels on the device).
+//                row to whole tiles, stores k (x - m) for Precision::kFast (m: the midpoint of the row's logits, so
+//                that the rounding follows the row's spread, not its offset), and flags rows that hold a non-finite
+//                logit (no host sync: the flag travels on the device).
 //   2. pairs     `parts` CTAs per row (kendall_pairs.cuh): each sums its share of the pairs into its own slice.
 //   3. finalize  sums the slices in part order, scales, writes NaN over flagged rows.
 // When a row gets one CTA and its student gradient is wanted, the slice is the output itself and finalize scales it in

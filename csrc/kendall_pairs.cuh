@@ -47,12 +47,12 @@ static_assert(kRowLanes * kRowSlots == kTile, "the row slots of 8 lanes cover a 
 static_assert(kWarps * kWarpColumns == kTile, "the column slots of a CTA cover a tile");
 static_assert(kWarpColumns % kRowLanes == 0, "a warp's diagonal block ends on a row slot boundary");
 
-// Precision::kFast prepares the logits times k: one multiply less per difference, its rounding far below
-// tanh.approx's error. kExact forms differences from the raw logits and then scales them: k (s_i - s_j) keeps every
-// bit of a small difference, while k s_i - k s_j would carry the rounding of both products. Two exceptions on the fast
-// path, both decided by prepare (kendall_rows.cuh): the sign teacher's logits are never scaled (sign(t_i - t_j) needs
-// no k), and a row where some |k x| would pass half the largest float is stored unscaled and flagged kRowUnscaled
-// (unscaled_row below).
+// Precision::kFast prepares the logits as k (x - m), m a per-row reference (kendall_rows.cuh): one multiply less per
+// difference, and a rounding of ulp(k spread), far below tanh.approx's error at any common offset of the row. kExact
+// forms differences from the raw logits and then scales them: k (s_i - s_j) keeps every bit of a small difference.
+// Two exceptions on the fast path, both decided by prepare: the sign teacher's logits are never scaled or shifted
+// (sign(t_i - t_j) needs no k), and a row where some |k (x - m)| would pass half the largest float is stored unscaled
+// and flagged kRowUnscaled (unscaled_row below).
 template <Precision P>
 constexpr bool kPrescaledLogits = P == Precision::kFast;
 
@@ -88,7 +88,7 @@ __host__ __device__ inline Strip strip_containing(int64_t idx, int64_t nt) {
 
 template <typename T>
 struct PairArgs {
-  const T* student;          // (rows, padded): prepared logits, zero padded, times k when kPrescaledLogits<P>
+  const T* student;          // (rows, padded): prepared logits, zero padded, k (x - m) when kPrescaledLogits<P>
   const T* teacher;          // likewise, times k only with the tanh teacher
   const int32_t* nonfinite;  // (rows,): row flags, kRowNonfinite | kRowUnscaled
   T* grad_s;                 // (rows * parts, C): each CTA's sums of sech^2_s g per channel
@@ -306,11 +306,12 @@ __device__ __forceinline__ void run_strip(const PairArgs<T>& args, const T* s_ro
   if constexpr (kGradT) flush_rows(row_t, part_t, tile, args.num_classes, shared.rows_t);
 }
 
-// A kRowUnscaled row (kFast, some |k x| beyond half the largest float: absurd logits or k), done by the row's part 0
-// alone, its other parts leaving their zeroed slices: thread t owns channels i = t + kThreads n, the same channels it
-// zeroed, and sums over every j != i with the exact tanh of k (x_i - x_j), so each slice element has one writer and a
-// fixed order. Returns the thread's share of the loss sum (pairs i < j). Twice the pairs of the tiled path, on one CTA,
-// and the accurate tanh: slow, but only such rows pay it, and it keeps the op's contract for any k in range.
+// A kRowUnscaled row (kFast, some |k (x - m)| beyond half the largest float: absurd logits or k), done by the row's
+// part 0 alone, its other parts leaving their zeroed slices: thread t owns channels i = t + kThreads n, the same
+// channels it zeroed, and sums over every j != i with the exact tanh of k (x_i - x_j), so each slice element has one
+// writer and a fixed order. Returns the thread's share of the loss sum (pairs i < j). Twice the pairs of the tiled
+// path, on one CTA, and the accurate tanh: slow, but only such rows pay it, and it keeps the op's contract for any k in
+// range.
 template <typename T, TeacherMode M, bool kGradT>
 __device__ __forceinline__ double unscaled_row(const PairArgs<T>& args, const T* s_row, const T* t_row, T* part_s,
                                             T* part_t) {

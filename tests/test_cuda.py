@@ -2,8 +2,12 @@
 against float64, large C, the split of a row over several CTAs (parts), NaN rows, determinism, fully written outputs
 and opcheck on CUDA tensors; and, without a GPU, that a FORCE_CUDA build registered the kernel. The shared contract
 of every backend is tested in test_kendall.py."""
+import ast
 import functools
 import os
+import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -316,3 +320,31 @@ def test_cuda_kernel_registered_when_built_with_cuda():
         assert registered, "rankkd._C was built without its CUDA kernel although RANKKD_EXPECT_CUDA_KERNEL=1"
     elif not registered:
         pytest.skip("rankkd._C was built without CUDA (set RANKKD_EXPECT_CUDA_KERNEL=1 to require it)")
+
+
+def _default_archs():
+    """setup.py's DEFAULT_ARCHS ("8.0;...;12.0+PTX") as ({"sm_80", ...}, {"sm_120"}): SASS and PTX architectures."""
+    tree = ast.parse((Path(__file__).resolve().parent.parent / "setup.py").read_text())
+    value = next(node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                 and any(getattr(target, "id", None) == "DEFAULT_ARCHS" for target in node.targets))
+    names = [(f"sm_{arch.removesuffix('+PTX').replace('.', '')}", arch.endswith("+PTX")) for arch in value.split(";")]
+    return {name for name, _ in names}, {name for name, ptx in names if ptx}
+
+
+def test_extension_carries_every_default_architecture():
+    # CI builds without TORCH_CUDA_ARCH_LIST and sets RANKKD_EXPECT_DEFAULT_ARCHS=1: the built library must then hold
+    # SASS for each architecture of setup.py's default list and PTX for the newest, or a GPU of that generation cannot
+    # load the kernel.
+    if os.environ.get("RANKKD_EXPECT_DEFAULT_ARCHS") != "1":
+        pytest.skip("set RANKKD_EXPECT_DEFAULT_ARCHS=1 for a build with setup.py's default architectures")
+    triton = pytest.importorskip("triton")
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if rankkd.ops.EXTENSION_ERROR is not None:
+        pytest.fail(f"rankkd._C is not built: {rankkd.ops.EXTENSION_ERROR}")
+    so_path = next(Path(rankkd.__file__).parent.glob("_C*.so"))
+    def listed(flag):
+        out = subprocess.run([str(cuobjdump), flag, str(so_path)], capture_output=True, text=True, check=True).stdout
+        return set(re.findall(r"\.(sm_\d+)\.(?:cubin|ptx)", out))
+    sass, ptx = _default_archs()
+    assert listed("-lelf") == sass
+    assert listed("-lptx") == ptx

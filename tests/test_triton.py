@@ -3,6 +3,8 @@ into parts at small tile sizes (in the interpreter, on CPU tensors, when there i
 guarantees, and on a GPU both precisions ("fast": tanh.approx.f32, "exact"), large C, half inputs, torch.compile and
 opcheck. The shared contract of every backend is tested in test_kendall.py."""
 import functools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -379,3 +381,15 @@ def test_gpu_fast_saturated_rows_have_exactly_zero_gradients(teacher_mode):
         assert torch.equal(grad_s, torch.zeros_like(grad_s))
         if teacher_mode == "tanh":
             assert torch.equal(grad_t, torch.zeros_like(grad_t))
+
+
+@needs_cuda
+def test_gpu_tanh_approx_stays_in_unit_interval_and_is_monotonic():
+    # sech^2 = 1 - tanh^2 is never negative and every pair keeps its sign only if the hardware tanh, over every float32,
+    # stays within [-1, 1] and never decreases; the PTX ISA promises neither (bench/tanh_approx_sweep.py).
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from tanh_approx_sweep import sweep
+
+    result = sweep()
+    assert result["within_unit_interval"], result
+    assert result["non_monotonic_steps"] == 0, result

@@ -29,11 +29,14 @@ exp) stays within 1e-5 of float64 for loss and gradients, saturated logits inclu
 instructions per pair (bench/kernel_report.py counts them). The interpreter runs "fast" as "exact" (it has no inline
 assembly), and float64 logits are computed in float64 throughout, exactly.
 
-Scaling. The fast path multiplies the logits by k as it loads them (one multiply per element, not per pair) where the
-row allows it: every |k x| of the row within half the largest float32, checked by each program first. Otherwise (k
-may be up to 3.4e38) the row runs the same loop on unscaled logits with k (x_i - x_j), as the exact path always does.
-The sign teacher's logits are never scaled: sign(t_i - t_j) needs no k. kendall_rank(prescale=True) switches the
-scaling on in the interpreter too, so that its code runs in the CPU tests."""
+Scaling. The fast path loads the logits as k (x - m) (one multiply per element, not per pair), m the midpoint of the
+row's finite logits, found by each program's first pass over the row. The loss depends only on differences, so m
+changes nothing exactly; in float32 it bounds the rounding by the row's spread instead of its magnitude (k x_i - k x_j
+would carry an error of ulp(k x), which a common offset of the logits makes large). The row is scaled only where
+every |k (x - m)| stays within half the largest float32; otherwise (k may be up to 3.4e38) it runs the same loop on
+unscaled logits with k (x_i - x_j), as the exact path always does. The sign teacher's logits are never shifted or
+scaled: sign(t_i - t_j) needs neither. kendall_rank(prescale=True) switches the scaling on in the interpreter too, so
+that its code runs in the CPU tests."""
 import contextlib
 import functools
 import struct
@@ -90,33 +93,51 @@ def _sech2_exact(x):
 
 
 @triton.jit
-def _load_logits(ptr, mask, acc_dtype: tl.constexpr, k, PRESCALE: tl.constexpr):
+def _load_logits(ptr, mask, acc_dtype: tl.constexpr, k, reference, PRESCALE: tl.constexpr):
     """Logits in acc_dtype, non-finite ones replaced by 0 (the row is made NaN at the end), and which ones they were.
-    PRESCALE multiplies by k: only on rows where every |k x| stays within _PRESCALE_LIMIT (_prescale_fits)."""
+    PRESCALE loads k (x - reference): only on rows that _row_reference found to fit."""
     x = tl.load(ptr, mask=mask, other=0.0).to(acc_dtype)
     finite = tl.abs(x) < float("inf")  # false for +-inf and NaN
     x = tl.where(finite, x, 0.0)
     if PRESCALE:
-        x = x * k
+        x = (x - reference) * k
     return x, (~finite).to(tl.int32)
 
 
 @triton.jit
-def _prescale_fits(student_row, teacher_row, num_classes, k, acc_dtype: tl.constexpr, TEACHER_TOO: tl.constexpr,
-                   BLOCK: tl.constexpr):
-    """Whether every finite |k x| of the row (student; teacher too with TEACHER_TOO) is at most half the largest
-    float32, so that k x never overflows and any difference k x_i - k x_j stays finite. k up to 3.4e38 is in the op's
-    contract; a row where this fails is evaluated unscaled, as k (x_i - x_j) (clamping k x instead would make every
-    pair of two clamped logits a tie)."""
-    largest = tl.zeros([BLOCK], acc_dtype)
+def _finite_range(row_ptr, num_classes, acc_dtype: tl.constexpr, BLOCK: tl.constexpr):
+    """The midpoint of the row's finite logits (0 when there are none: the row is NaN anyway) and half their spread."""
+    lo = tl.full([BLOCK], float("inf"), acc_dtype)
+    hi = tl.full([BLOCK], float("-inf"), acc_dtype)
     for c0 in range(0, num_classes, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
-        s, _ = _load_logits(student_row + cols, cols < num_classes, acc_dtype, k, False)
-        largest = tl.maximum(largest, tl.abs(s * k))  # inf where k s overflows
-        if TEACHER_TOO:
-            t, _ = _load_logits(teacher_row + cols, cols < num_classes, acc_dtype, k, False)
-            largest = tl.maximum(largest, tl.abs(t * k))
-    return tl.max(largest, axis=0) <= 1.7e38
+        x = tl.load(row_ptr + cols, mask=cols < num_classes, other=float("nan")).to(acc_dtype)
+        finite = tl.abs(x) < float("inf")  # false for +-inf, NaN and the masked tail
+        lo = tl.where(finite, tl.minimum(lo, x), lo)
+        hi = tl.where(finite, tl.maximum(hi, x), hi)
+    lo = tl.min(lo, axis=0)
+    hi = tl.max(hi, axis=0)
+    any_finite = lo <= hi
+    # Halves first: hi - lo and lo + hi may overflow, their halves cannot.
+    midpoint = tl.where(any_finite, lo * 0.5 + hi * 0.5, 0.0)
+    half_spread = tl.where(any_finite, hi * 0.5 - lo * 0.5, 0.0)
+    return midpoint, half_spread
+
+
+@triton.jit
+def _row_reference(student_row, teacher_row, num_classes, k, acc_dtype: tl.constexpr, TEACHER_TOO: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """The references m_s, m_t that the fast path's loads subtract before scaling (m_t = 0 without TEACHER_TOO), and
+    whether the row fits the scaling: every finite |k (x - m)| at most half the largest float32, so that no scaled
+    logit overflows and any difference of two stays finite. k up to 3.4e38 is in the op's contract; a row that does
+    not fit is evaluated unscaled, as k (x_i - x_j) (clamping instead would make every pair of two clamped logits a
+    tie)."""
+    reference_s, half_spread = _finite_range(student_row, num_classes, acc_dtype, BLOCK)
+    reference_t = tl.zeros_like(reference_s)
+    if TEACHER_TOO:
+        reference_t, half_spread_t = _finite_range(teacher_row, num_classes, acc_dtype, BLOCK)
+        half_spread = tl.maximum(half_spread, half_spread_t)
+    return reference_s, reference_t, half_spread * k <= 1.7e38  # false where k times it overflows
 
 
 @triton.jit
@@ -203,12 +224,14 @@ def _pair_block(grad_s_row, grad_t_row, num_classes, k, col_scale, offs_i, s_i, 
 
 
 @triton.jit
-def _part_pairs(student_row, teacher_row, grad_s_row, grad_t_row, num_classes, part, n_parts, k, grad_scale,
-                acc_dtype: tl.constexpr, TEACHER_MODE_SIGN: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
-                PRECISION_FAST: tl.constexpr, SCALED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+def _part_pairs(student_row, teacher_row, grad_s_row, grad_t_row, num_classes, part, n_parts, k, reference_s,
+                reference_t, grad_scale, acc_dtype: tl.constexpr, TEACHER_MODE_SIGN: tl.constexpr,
+                GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, PRECISION_FAST: tl.constexpr, SCALED: tl.constexpr,
+                BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     """The pairs of the row's panels dealt to `part`: returns the per-column concordance sums and the count of
-    non-finite logits in its panels; adds the gradient sums into the part's (zeroed) slices. SCALED: logits times k
-    at load (see _pair_block)."""
+    non-finite logits in its panels; adds the gradient sums into the part's (zeroed) slices. SCALED: logits loaded as
+    k (x - reference) (see _pair_block)."""
+    SCALE_TEACHER: tl.constexpr = SCALED and not TEACHER_MODE_SIGN
     i_range = tl.arange(0, BLOCK_I)
     j_range = tl.arange(0, BLOCK_J)
     concordance = tl.zeros([BLOCK_J], acc_dtype)  # sum over the program's pairs of tanh_s * g, per block column
@@ -223,8 +246,8 @@ def _part_pairs(student_row, teacher_row, grad_s_row, grad_t_row, num_classes, p
                 tl.debug_barrier()  # the previous panel's read-modify-writes (or the zero fill) land first
             offs_i = panel * BLOCK_I + i_range
             mask_i = offs_i < num_classes
-            s_i, s_bad = _load_logits(student_row + offs_i, mask_i, acc_dtype, k, SCALED)
-            t_i, t_bad = _load_logits(teacher_row + offs_i, mask_i, acc_dtype, k, SCALED and not TEACHER_MODE_SIGN)
+            s_i, s_bad = _load_logits(student_row + offs_i, mask_i, acc_dtype, k, reference_s, SCALED)
+            t_i, t_bad = _load_logits(teacher_row + offs_i, mask_i, acc_dtype, k, reference_t, SCALE_TEACHER)
             non_finite += s_bad + t_bad
             row_gs = tl.zeros([BLOCK_I, BLOCK_J], acc_dtype)
             row_gt = tl.zeros([BLOCK_I, BLOCK_J], acc_dtype)
@@ -232,23 +255,22 @@ def _part_pairs(student_row, teacher_row, grad_s_row, grad_t_row, num_classes, p
             # The diagonal block (pairs within the panel, i < j), then the blocks after it up to C; only the first
             # needs a mask per pair.
             offs_j = first_col + j_range
-            s_j, _ = _load_logits(student_row + offs_j, offs_j < num_classes, acc_dtype, k, SCALED)
-            t_j, _ = _load_logits(
-                teacher_row + offs_j, offs_j < num_classes, acc_dtype, k, SCALED and not TEACHER_MODE_SIGN)
+            s_j, _ = _load_logits(student_row + offs_j, offs_j < num_classes, acc_dtype, k, reference_s, SCALED)
+            t_j, _ = _load_logits(teacher_row + offs_j, offs_j < num_classes, acc_dtype, k, reference_t, SCALE_TEACHER)
             concordance, row_gs, row_gt = _pair_block(
                 grad_s_row, grad_t_row, num_classes, k, -grad_scale, offs_i, s_i, t_i, offs_j, s_j, t_j,
                 concordance, row_gs, row_gt, True, TEACHER_MODE_SIGN, GRAD_S, GRAD_T, PRECISION_FAST, SCALED)
             # Each block's logits are loaded one block ahead, so the loads' latency hides behind the math.
             offs_next = first_col + BLOCK_J + j_range
-            s_next, _ = _load_logits(student_row + offs_next, offs_next < num_classes, acc_dtype, k, SCALED)
-            t_next, _ = _load_logits(
-                teacher_row + offs_next, offs_next < num_classes, acc_dtype, k, SCALED and not TEACHER_MODE_SIGN)
+            in_next = offs_next < num_classes
+            s_next, _ = _load_logits(student_row + offs_next, in_next, acc_dtype, k, reference_s, SCALED)
+            t_next, _ = _load_logits(teacher_row + offs_next, in_next, acc_dtype, k, reference_t, SCALE_TEACHER)
             for j0 in range(first_col + BLOCK_J, num_classes, BLOCK_J):
                 s_j, t_j = s_next, t_next
                 offs_next = j0 + BLOCK_J + j_range
-                s_next, _ = _load_logits(student_row + offs_next, offs_next < num_classes, acc_dtype, k, SCALED)
-                t_next, _ = _load_logits(
-                    teacher_row + offs_next, offs_next < num_classes, acc_dtype, k, SCALED and not TEACHER_MODE_SIGN)
+                in_next = offs_next < num_classes
+                s_next, _ = _load_logits(student_row + offs_next, in_next, acc_dtype, k, reference_s, SCALED)
+                t_next, _ = _load_logits(teacher_row + offs_next, in_next, acc_dtype, k, reference_t, SCALE_TEACHER)
                 concordance, row_gs, row_gt = _pair_block(
                     grad_s_row, grad_t_row, num_classes, k, -grad_scale, offs_i, s_i, t_i, j0 + j_range, s_j, t_j,
                     concordance, row_gs, row_gt, False, TEACHER_MODE_SIGN, GRAD_S, GRAD_T, PRECISION_FAST, SCALED)
@@ -301,20 +323,21 @@ def _kendall_pairs_kernel(
             if GRAD_T:
                 tl.store(grad_t_row + cols, tl.zeros([BLOCK_J], acc_dtype), mask=cols < num_classes)
 
-    # PRESCALE (the fast path): logits times k at load where the row allows it (every part of a row decides alike),
-    # else k (x_i - x_j) per pair, as the exact path does.
+    # PRESCALE (the fast path): logits loaded as k (x - m) where the row allows it (every part of a row decides
+    # alike), else k (x_i - x_j) per pair, as the exact path does.
     if PRESCALE:
-        scaled = _prescale_fits(student_row, teacher_row, num_classes, k, acc_dtype, not TEACHER_MODE_SIGN, BLOCK_J)
+        reference_s, reference_t, scaled = _row_reference(
+            student_row, teacher_row, num_classes, k, acc_dtype, not TEACHER_MODE_SIGN, BLOCK_J)
     else:
-        scaled = False
+        reference_s, reference_t, scaled = tl.zeros_like(k), tl.zeros_like(k), False
     if scaled:
         concordance, non_finite = _part_pairs(
-            student_row, teacher_row, grad_s_row, grad_t_row, num_classes, part, n_parts, k, grad_scale, acc_dtype,
-            TEACHER_MODE_SIGN, GRAD_S, GRAD_T, PRECISION_FAST, True, BLOCK_I, BLOCK_J)
+            student_row, teacher_row, grad_s_row, grad_t_row, num_classes, part, n_parts, k, reference_s, reference_t,
+            grad_scale, acc_dtype, TEACHER_MODE_SIGN, GRAD_S, GRAD_T, PRECISION_FAST, True, BLOCK_I, BLOCK_J)
     else:
         concordance, non_finite = _part_pairs(
-            student_row, teacher_row, grad_s_row, grad_t_row, num_classes, part, n_parts, k, grad_scale, acc_dtype,
-            TEACHER_MODE_SIGN, GRAD_S, GRAD_T, PRECISION_FAST, False, BLOCK_I, BLOCK_J)
+            student_row, teacher_row, grad_s_row, grad_t_row, num_classes, part, n_parts, k, reference_s, reference_t,
+            grad_scale, acc_dtype, TEACHER_MODE_SIGN, GRAD_S, GRAD_T, PRECISION_FAST, False, BLOCK_I, BLOCK_J)
 
     has_non_finite = tl.sum(non_finite, axis=0) > 0
     if GRAD_S or GRAD_T:
