@@ -15,6 +15,7 @@ for full float32 math; the CPU kernel and the reference are always exact. The re
 import argparse
 import datetime
 import json
+import logging
 import platform
 import sys
 import statistics
@@ -26,6 +27,7 @@ import torch
 import rankkd
 from rankkd import reference
 from rankkd.ops import PRECISIONS
+from rankkd.training.config import OneLineParser
 
 DEFAULT_SHAPES = "64x100,128x1000,512x1000,64x4096,32x8x1000"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -157,7 +159,7 @@ def measure_tanh_rate(device):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma-separated (default {DEFAULT_SHAPES})")
@@ -174,6 +176,9 @@ def main():
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
+    if not torch.cuda.is_available():
+        # torch.compile's C++ toolchain set-up warns that a CPU-only machine has no CUDA runtime: true, and not news.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     dtype = getattr(torch, args.dtype)
     shapes = parse_shapes(args.shapes)
     repeats = args.repeats or (20 if device.type == "cuda" else 5)
@@ -263,4 +268,8 @@ def _version(package):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("loss_bench.py: interrupted; nothing saved", file=sys.stderr)
+        sys.exit(130)

@@ -4,6 +4,7 @@ import io
 import os
 import pickle
 import re
+import zipfile
 
 import pytest
 import torch
@@ -101,3 +102,63 @@ def test_read_checkpoint_weights_refuses_files_without_weights(tmp_path):
     torch.save({}, path)
     with pytest.raises(ValueError, match="holds no model weights but {}"):
         read_checkpoint_weights(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Damage that leaves a file's shape intact: torch.load reads it without a word, the CRC check of every member does not.
+
+
+def _checkpoint_with_tensors(path):
+    """A training checkpoint of fresh random weights (odd sizes) at `path`; returns the zip member of each tensor's
+    storage by its key, and where its bytes start in the file."""
+    student = {"conv.weight": torch.randn(37, 3, 3, 3), "fc.weight": torch.randn(101, 37), "fc.bias": torch.randn(101)}
+    save_checkpoint({"student": student, "optimizer": {"state": {}}, "epoch": 4, "config": {}, "rng": []}, path)
+    with zipfile.ZipFile(path) as archive:
+        members = {info.filename: info for info in archive.infolist()}
+    # torch.save writes the storages in the order the pickle meets them: data/0, data/1, ...
+    starts = {}
+    for index, key in enumerate(student):
+        info = members[next(name for name in members if name.endswith(f"/data/{index}"))]
+        starts[key] = (info.filename, info.header_offset + 30 + len(info.filename.encode()) + len(info.extra))
+    return student, starts
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_bytes_overwritten_inside_a_tensor_are_refused_naming_its_member(tmp_path, reader):
+    path = tmp_path / "last.pt"
+    student, starts = _checkpoint_with_tensors(path)
+    member, start = starts["fc.weight"]
+    data = bytearray(path.read_bytes())
+    data[start + 100:start + 2100] = os.urandom(2000)  # inside fc.weight's 101 x 37 float32 values
+    path.write_bytes(bytes(data))
+    torch.load(path, weights_only=True)  # what went before: it loads, with wrong weights
+    with pytest.raises(ValueError) as refused:
+        READERS[reader](path)
+    assert str(refused.value) == (f"cannot read checkpoint {str(path)!r}: member {member!r} is damaged (its CRC-32 "
+                                  "does not match its bytes): the file changed after it was written")
+
+
+@pytest.mark.parametrize("where", ["the end", "the directory", "a recorded CRC"])
+def test_damage_at_the_end_and_in_the_zip_directory_is_refused(tmp_path, where):
+    path = tmp_path / "last.pt"
+    _, starts = _checkpoint_with_tensors(path)
+    data = bytearray(path.read_bytes())
+    directory = data.rindex(b"PK\x05\x06")  # the end-of-directory record; the directory's entries before it
+    entries = data.index(b"PK\x01\x02")
+    if where == "the end":
+        data[-2000:] = os.urandom(2000)
+    elif where == "the directory":
+        data[entries:directory] = os.urandom(directory - entries)
+    else:  # one entry's CRC field (16 bytes into it): only a read of that member shows the mismatch
+        member, _ = starts["conv.weight"]
+        entry = data.index(member.encode(), entries) - 46  # the name follows the entry's 46 fixed bytes
+        data[entry + 16:entry + 20] = bytes(4 * [0xA5])
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError) as refused:
+        load_checkpoint(path)
+    message = str(refused.value)
+    assert message.startswith(f"cannot read checkpoint {str(path)!r}: ") and "\n" not in message
+    if where == "a recorded CRC":
+        assert f"member {starts['conv.weight'][0]!r} is damaged (its CRC-32 does not match its bytes)" in message
+    else:
+        assert message.endswith("it is truncated or corrupt: not a complete torch.save file")

@@ -89,3 +89,43 @@ def test_settings_before_freezing_equal_the_record():
     values = flat_settings(record(cfg)) | {"loss": cfg.loss}
     assert settings_of_values(CIFAR, values) == {key: value for key, value in flat_settings(record(cfg)).items()
                                                  if key not in ("task", "recipe", "loss_recipe")}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command line as a user meets it: errors in one line (the usage is --help's), each trainer offering its own
+# methods and loss recipes.
+
+
+@pytest.mark.parametrize("argv, problem", [(["--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
+                                           (["--bogus"], "unrecognized arguments: --bogus"),
+                                           (["--method", "none"], "argument --method: invalid choice: 'none'")])
+def test_command_line_errors_are_one_line(capsys, argv, problem):
+    with pytest.raises(SystemExit) as stopped:
+        make_parser(IMAGENET).parse_args(argv)
+    out, error = capsys.readouterr()
+    assert stopped.value.code == 2 and out == ""
+    assert error.startswith(f"{make_parser(IMAGENET).prog}: error: {problem}") and error.count("\n") == 1, error
+    assert error.endswith(" (--help lists the options)\n")
+
+
+def test_each_trainers_help_offers_its_own_methods_and_loss_recipes(capsys, monkeypatch):
+    from rankkd.recipes import LOSS_RECIPES
+    from rankkd.training.tasks.coco import TASK as COCO
+
+    monkeypatch.setenv("COLUMNS", "100000")  # --help unwrapped: argparse wraps lines at hyphens too
+    offered = {}
+    for task in (IMAGENET, CIFAR, COCO):
+        with pytest.raises(SystemExit):
+            make_parser(task).parse_args(["--help"])
+        text = capsys.readouterr().out
+        offered[task.name] = {name for name in LOSS_RECIPES if f" {name}," in text or f" {name}\n" in text}
+        methods = f"--method {{{','.join(task.methods)}}}"
+        assert methods in text
+    assert all(name.startswith(("imagenet-", "deit-")) for name in offered["imagenet"])
+    assert all(name.startswith("cifar100-") for name in offered["cifar100"])
+    assert offered["coco"] == {"coco-kd", "coco-dkd", "coco-kd-rank", "coco-dkd-rank"}
+    assert set(LOSS_RECIPES) == offered["imagenet"] | offered["cifar100"] | offered["coco"]
+    assert COCO.methods == ("none", "kd", "kd+rank", "dkd", "dkd+rank") and "dist+rank" in IMAGENET.methods
+    with pytest.raises(ValueError, match=r"^--loss 'imagenet-kd' is not a loss recipe of this trainer; known: "
+                                         r"coco-kd, coco-dkd, coco-kd-rank, coco-dkd-rank$"):
+        resolve(COCO, "--data", "synthetic", "--loss", "imagenet-kd")

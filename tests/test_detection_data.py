@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -16,6 +17,12 @@ from rankkd.detection.data import (CocoTrainLoader, CocoValLoader, SyntheticDete
 from rankkd.detection.demo import DEMO_CATEGORIES, DEMO_IMAGE_SIZE, prepare_demo_coco  # noqa: E402
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def image_header_cache(tmp_path_factory, monkeypatch):
+    """check_coco's cache of image headers, private to each test."""
+    monkeypatch.setenv("RANKKD_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
 def write_coco(root, *, train=None, val=None, categories=({"id": 2, "name": "a"}, {"id": 5, "name": "b"})):
@@ -335,3 +342,166 @@ def test_dali_decodes_on_the_gpu_as_on_the_cpu(tmp_path):
         assert all(image.is_cuda for image in images) and all(t["boxes"].is_cuda for t in targets)
         assert all((a.cpu() - b).abs().mean() < 0.03 for a, b in zip(images, cpu_images))
         assert all(torch.equal(a["labels"].cpu(), b["labels"]) for a, b in zip(targets, cpu_targets))
+
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Everything read from disk checked before training: the annotation files to the last field, the images' real sizes
+# against the claimed ones, the images' integrity where it is cheap.
+
+
+class Text(str):
+    """What an edit of an annotation file returns to replace its whole text."""
+
+
+def _edit_annotations(root, split, edit):
+    """edit(content) changes the parsed file in place, or returns the file's new Text."""
+    path = root / "annotations" / f"instances_{split}.json"
+    content = json.loads(path.read_text())
+    text = edit(content)
+    path.write_text(text if isinstance(text, Text) else json.dumps(content))
+    return path
+
+
+SCHEMA_CASES = {  # name: (edit of the parsed file, expected JSON path, problem)
+    "bbox value a string": (lambda c: c["annotations"][0]["bbox"].__setitem__(2, "10"),
+                            "annotations[0].bbox[2]", "expected a finite number, got '10'"),
+    "infinite bbox width": (lambda c: Text(json.dumps(c).replace("[4, 5, 10, 8]", "[4, 5, Infinity, 8]")),
+                            "annotations[0].bbox[2]", "expected a finite number, got inf"),
+    "bbox overflowing to inf": (lambda c: Text(json.dumps(c).replace("[4, 5, 10, 8]", "[4, 5, 10, 1e999]")),
+                                "annotations[0].bbox[3]", "expected a finite number, got inf"),
+    "bbox of 3 values": (lambda c: c["annotations"][0]["bbox"].pop(), "annotations[0].bbox",
+                         "expected a list of 4 numbers (x, y, width, height), got a list"),
+    "images an object": (lambda c: c.__setitem__("images", {"1": c["images"][0]}), "images",
+                         "expected a list, got an object"),
+    "image without height": (lambda c: c["images"][0].pop("height"), "images[0]", "missing 'height'"),
+    "height a float": (lambda c: c["images"][0].__setitem__("height", 30.0), "images[0].height",
+                       "expected an integer >= 1, got 30.0"),
+    "file name null": (lambda c: c["images"][0].__setitem__("file_name", None), "images[0].file_name",
+                       "expected a non-empty string, got None"),
+    "annotation a list": (lambda c: c["annotations"].append([1, 2]), "annotations[1]",
+                          "expected an object, got a list"),
+    "area NaN": (lambda c: Text(json.dumps(c).replace('"area": 1.0', '"area": NaN')), "annotations[0].area",
+                 "expected a finite number, got nan"),
+    "image id twice": (lambda c: c["images"].append(dict(c["images"][0])), "images[1].id", "id 1 is listed twice"),
+    "category without name": (lambda c: c["categories"][1].pop("name"), "categories[1]", "missing 'name'"),
+    "no categories": (lambda c: c.pop("categories"), "the top level", "missing 'categories'"),
+}
+
+
+@pytest.mark.parametrize("split", ["train2017", "val2017"])
+@pytest.mark.parametrize("case", SCHEMA_CASES)
+def test_annotation_files_are_checked_to_the_last_field(tmp_path, split, case):
+    edit, where, problem = SCHEMA_CASES[case]
+    path = _edit_annotations(write_coco(tmp_path), split, edit)
+    assert refusal(tmp_path) == f"{str(path)!r} at {where}: {problem}; fix that value, or re-download the file"
+
+
+@pytest.mark.parametrize("text, problem", [("[" * 100_000 + "]" * 100_000, "nests arrays or objects deeper than the "
+                                            "JSON reader's limit (a COCO instances file nests 5 levels)"),
+                                           ("[1, 2]", "is not a COCO instances file (its top level is a list, not "
+                                            "an object)"),
+                                           ('{"images": [', "is not a JSON file (Expecting value: line 1 column 13")])
+def test_annotation_files_that_are_no_instances_file_are_refused(tmp_path, text, problem):
+    path = _edit_annotations(write_coco(tmp_path), "val2017", lambda content: Text(text))
+    message = refusal(tmp_path)
+    assert message.startswith(f"{str(path)!r} {problem}") and "re-download annotations_trainval2017.zip" in message
+
+
+@pytest.mark.parametrize("val", [[(1, 40, 30, [])], [(1, 40, 30, [{"bbox": [4, 5, 10, 8], "category_id": 2,
+                                                                   "iscrowd": 1}])]])
+def test_a_val_split_without_annotations_is_refused(tmp_path, val):
+    write_coco(tmp_path, val=val)
+    assert refusal(tmp_path) == (f"{str(tmp_path / 'annotations' / 'instances_val2017.json')!r} has no annotation but "
+                                 "crowd ones: box AP would be undefined (NaN) at every epoch; use the full val2017 "
+                                 "annotations")
+
+
+@pytest.mark.parametrize("split", ["train2017", "val2017"])
+@pytest.mark.parametrize("claimed", [(256, 256), (31_623, 31_623)])  # twice the size; 10^9 pixels
+def test_image_sizes_are_read_from_the_files_and_compared_with_the_claims(tmp_path, split, claimed):
+    rng = np.random.default_rng()
+    width, height = (int(value) for value in rng.integers(17, 90, size=2))  # fresh odd sizes
+    images = [(1, width, height, [{"bbox": [1, 2, 10, 8], "category_id": 2}]),
+              (2, 40, 30, [{"bbox": [3, 3, 5, 5], "category_id": 5}])]
+    write_coco(tmp_path, **{"train" if split == "train2017" else "val": images})
+    path = _edit_annotations(tmp_path, split, lambda content: content["images"][0].update(
+        width=claimed[0], height=claimed[1]))
+    assert refusal(tmp_path) == (f"image file {str(tmp_path / split / '1.png')!r} is {width}x{height} pixels, but "
+                                 f"image id 1 of {str(path)!r} claims {claimed[0]}x{claimed[1]} (width x height); fix "
+                                 "its width and height in the file, or re-download the file and the images")
+
+
+def _jpeg_bytes(width, height):
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng().integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def _broken_huffman_table(data):
+    """A JPEG whose markers and length are whole but whose entropy coding can't be decoded."""
+    start = data.index(b"\xff\xc4") + 5  # the first DHT segment's code counts
+    return data[:start] + b"\xff" * 16 + data[start + 16:]
+
+
+def _as_jpeg(root, split, image_id, data):
+    """Image `image_id` of the split replaced by a JPEG file holding `data`, under the name the annotations use."""
+    path = root / split / f"{image_id}.jpg"
+    (root / split / f"{image_id}.png").unlink()
+    path.write_bytes(data)
+    _edit_annotations(root, split, lambda content: next(image for image in content["images"]
+                                                        if image["id"] == image_id).update(file_name=path.name))
+    return path
+
+
+THREE = [(i, 40, 30, [{"bbox": [4, 5, 10, 8], "category_id": 2}]) for i in (1, 2, 3)]
+
+
+def test_unreadable_training_images_are_left_out_with_a_note(tmp_path):
+    write_coco(tmp_path, train=THREE)
+    whole = _jpeg_bytes(40, 30)
+    truncated = _as_jpeg(tmp_path, "train2017", 1, whole[: len(whole) // 2])  # the cheap check finds it
+    (tmp_path / "train2017" / "3.png").rename(tmp_path / "train2017" / "3.png.unreadable")  # the suggested fix
+    dataset = check_coco(tmp_path)
+    assert dataset.train.image_ids == [2]
+    note = dataset.train.left_out_note()
+    assert note.startswith(f"train2017: trains without 2 unreadable image(s) of 3: {truncated} (truncated: the file "
+                           "ends before its image data does")
+    assert note.endswith(f"; {tmp_path / 'train2017' / '3.png'} (renamed to 3.png.unreadable)")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "undecodable", "renamed"])
+def test_unreadable_validation_images_stop_before_training(tmp_path, damage):
+    write_coco(tmp_path, val=THREE)
+    whole = _jpeg_bytes(40, 30)
+    if damage == "renamed":
+        (tmp_path / "val2017" / "2.png").rename(tmp_path / "val2017" / "2.png.unreadable")
+        assert "(renamed to .unreadable: validation images can't be left out)" in refusal(tmp_path)
+        return
+    # Damage that only decoding finds too: validation images are decoded before training, not after its first epoch.
+    path = _as_jpeg(tmp_path, "val2017", 2, whole[: len(whole) // 2] if damage == "truncated"
+                    else _broken_huffman_table(whole))
+    message = refusal(tmp_path)
+    assert message.startswith(f"validation image {str(path)!r} (image id 2 of ")
+    assert ("truncated" if damage == "truncated" else "broken data stream") in message
+
+
+def test_image_headers_are_cached_by_size_and_modification_time(tmp_path, monkeypatch):
+    from rankkd.detection import data
+
+    write_coco(tmp_path, train=THREE, val=THREE)
+    read = []
+    real_header = data._image_header
+    monkeypatch.setattr(data, "_image_header", lambda path, full: read.append(path.name) or real_header(path, full))
+    first = check_coco(tmp_path)
+    assert sorted(read) == ["1.png", "1.png", "2.png", "2.png", "3.png", "3.png"]
+    read.clear()
+    assert check_coco(tmp_path).train.sizes == first.train.sizes and read == []
+    changed = tmp_path / "val2017" / "2.png"
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    check_coco(tmp_path)
+    assert read == ["2.png"]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,9 @@ import torch
 from conftest import write_cifar100
 
 from rankkd.training import loop
+from rankkd.training.checkpoint import load_checkpoint
+from rankkd.training.config import make_parser, resolve_config
+from rankkd.training.distributed import init_distributed
 from rankkd.training.run import main
 from rankkd.training.tasks.cifar100 import TASK
 
@@ -110,8 +114,74 @@ def test_a_cut_short_last_metrics_line_is_dropped_with_a_note(data, tmp_path, ca
         file.write('{"epoch": 2, "val_to')  # a crash between write and flush
     capsys.readouterr()
     run(data, "--out", str(out), "--resume", "auto")
-    assert "dropped its last line, cut short" in capsys.readouterr().err
+    assert "its last line was cut short (a run stopped while writing it); dropped it" in capsys.readouterr().err
     assert [record["epoch"] for record in records(out)] == [1, 2]
+
+
+def test_a_cut_short_line_of_an_epoch_the_checkpoint_holds_is_rebuilt_from_it(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(data, "--out", str(out))
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # the file lost its end
+    capsys.readouterr()
+    run(data, "--out", str(out), "--resume", "auto", "--epochs", "3")
+    assert "its last line was cut short (a run stopped while writing it); rebuilt epoch 2's record from the " \
+           "checkpoint" in capsys.readouterr().err
+    kept = records(out)
+    assert [record["epoch"] for record in kept] == [1, 2, 3]
+    assert json.dumps(kept[1]) + "\n" == lines[1]  # the record as it was written
+
+
+def test_an_unreadable_config_json_is_never_adopted(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run(data, "--epochs", "1")
+    (first,) = Path("runs").iterdir()
+    args = make_parser(TASK).parse_args(["--data", data, *TINY, "--resume", "auto"])
+    assert resolve_config(TASK, args, init_distributed("cpu")).run.out == str(first)  # readable: adopted
+    for contents in ('{"seed": 0, "batch', "", "{}", "[1, 2]", '{"notes": "mine"}', "[" * 100_000):
+        (first / "config.json").write_text(contents)
+        capsys.readouterr()
+        out = resolve_config(TASK, args, init_distributed("cpu")).run.out
+        assert Path(out) != first and Path(out).parent == first.parent, contents
+        assert f"no run under runs/ has these settings (the newest like it: {first})" in capsys.readouterr().out
+
+
+def _overwrite_inside_the_weights(checkpoint):
+    """2,000 bytes of the largest tensor in `checkpoint` overwritten; returns that tensor's zip member."""
+    with zipfile.ZipFile(checkpoint) as archive:
+        info = max((info for info in archive.infolist() if "/data/" in info.filename), key=lambda info: info.file_size)
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + info.file_size // 3
+    data = bytearray(checkpoint.read_bytes())
+    data[start:start + 2000] = os.urandom(2000)
+    checkpoint.write_bytes(bytes(data))
+    return info.filename
+
+
+def test_a_damaged_last_pt_falls_back_to_the_previous_checkpoint_saying_so(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(data, "--out", str(out))
+    assert torch.load(out / "previous.pt", weights_only=True)["epoch"] == 1
+    member = _overwrite_inside_the_weights(out / "last.pt")
+    capsys.readouterr()
+    run(data, "--out", str(out), "--resume", "auto")
+    error = capsys.readouterr().err
+    assert (f"cannot read checkpoint '{out / 'last.pt'}': member {member!r} is damaged (its CRC-32 does not match its "
+            f"bytes): the file changed after it was written: continuing from {out / 'previous.pt'}, which holds "
+            "epoch 1 (the damaged file is kept as last.pt.damaged)") in error
+    assert [record["epoch"] for record in records(out)] == [1, 2]  # epoch 2 trained again
+    assert load_checkpoint(out / "last.pt")["epoch"] == 2
+    assert load_checkpoint(out / "previous.pt")["epoch"] == 1  # never the damaged file
+    assert (out / "last.pt.damaged").exists()
+
+
+def test_a_damaged_last_pt_without_a_previous_one_is_refused_in_one_line(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(data, "--out", str(out), "--epochs", "1")
+    member = _overwrite_inside_the_weights(out / "last.pt")
+    error = refused(capsys, "--data", data, *TINY, "--out", str(out), "--resume", "auto")
+    assert error == (f"cifar100.py: error: cannot read checkpoint '{out / 'last.pt'}': member {member!r} is damaged "
+                     "(its CRC-32 does not match its bytes): the file changed after it was written; there is no "
+                     "previous.pt to fall back to\n")
 
 
 def test_ctrl_c_ends_with_one_line_and_exit_130(data, tmp_path):

@@ -7,10 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import lock_is_free
 
 from rankkd.training import run_folder
-from rankkd.training.run_folder import FolderInUseError, RunLock, check_writable
+from rankkd.training.checkpoint import load_checkpoint, save_checkpoint
+from rankkd.training.run_folder import (FolderInUseError, RunLock, check_writable, checkpoint_to_continue_from,
+                                        saved_progress)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,3 +197,43 @@ def test_a_full_disk_on_rank_0_stops_every_rank(tmp_path):
     lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
     assert lines[0].startswith(f"rank 0 stopped: no space left on the device while writing into {tmp_path}")
     assert lines[1] == f"rank 1 stopped: rank 0 ran out of disk space while writing into {tmp_path}; stopped with it."
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The checkpoint a run continues from: last.pt, else the one before it.
+
+
+def _save(path, epoch, keep_previous=True):
+    state = {"student": {"weight": torch.randn(7, 5)}, "optimizer": {}, "epoch": epoch, "config": {}, "rng": []}
+    save_checkpoint(state, path, keep_previous=keep_previous)
+
+
+def test_each_checkpoint_keeps_the_one_before_it_and_a_missing_last_pt_falls_back_to_it(tmp_path):
+    assert checkpoint_to_continue_from(tmp_path) is None
+    assert saved_progress(tmp_path) == "no checkpoint had been written yet."
+    for epoch in (1, 2, 3):
+        _save(tmp_path / "last.pt", epoch)
+    path, state, note = checkpoint_to_continue_from(tmp_path)
+    assert (path, state["epoch"], note) == (tmp_path / "last.pt", 3, None)
+    assert load_checkpoint(tmp_path / "previous.pt")["epoch"] == 2
+    (tmp_path / "last.pt").unlink()  # killed between keeping the previous one and writing the new one
+    path, state, note = checkpoint_to_continue_from(tmp_path)
+    assert (path, state["epoch"]) == (tmp_path / "previous.pt", 2)
+    assert note == (f"{tmp_path / 'last.pt'} is missing (a run stopped while replacing it): continuing from "
+                    f"{tmp_path / 'previous.pt'}, which holds epoch 2")
+    assert saved_progress(tmp_path) == f"{tmp_path / 'previous.pt'} holds epoch 2."
+
+
+def test_neither_checkpoint_readable_is_one_line_naming_both(tmp_path):
+    _save(tmp_path / "last.pt", 1)
+    _save(tmp_path / "last.pt", 2)
+    for name in ("last.pt", "previous.pt"):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError) as refused:
+        checkpoint_to_continue_from(tmp_path)
+    assert str(refused.value) == (f"cannot read checkpoint '{tmp_path / 'last.pt'}': it is truncated or corrupt: not "
+                                  f"a complete torch.save file; and cannot read checkpoint "
+                                  f"'{tmp_path / 'previous.pt'}': it is truncated or corrupt: not a complete "
+                                  "torch.save file")
+    assert saved_progress(tmp_path) == f"nothing to continue from: {refused.value}."

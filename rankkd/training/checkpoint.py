@@ -30,8 +30,20 @@ def write_atomically(path, write):
         os.close(directory)
 
 
-def save_checkpoint(state, path):
-    """torch.save `state` to `path` atomically."""
+def previous_checkpoint(path):
+    """Where save_checkpoint(..., keep_previous=True) keeps the checkpoint that `path` held before: previous.pt
+    beside last.pt."""
+    path = Path(path)
+    return path.with_name(f"previous{path.suffix}")
+
+
+def save_checkpoint(state, path, *, keep_previous=False):
+    """torch.save `state` to `path` atomically. keep_previous: the checkpoint it replaces becomes
+    previous_checkpoint(path) first (a rename: atomic, no copy), the one to continue from should `path` be found
+    damaged. A kill between the rename and the write leaves previous.pt alone, which resuming reads as well."""
+    path = Path(path)
+    if keep_previous and path.exists():
+        os.replace(path, previous_checkpoint(path))
     write_atomically(path, lambda file: torch.save(state, file))
 
 

@@ -148,12 +148,7 @@ OPTIM_OPTIONS = _options(
     ("warmup_lr", dict(type=float, low=0)),
     ("min_lr", dict(type=float, low=0, help="cosine schedule: final learning rate")),
 )
-LOSS_OPTIONS = (
-    Option("loss", "selection", group="loss", help=f"a rankkd.recipes loss recipe: {', '.join(LOSS_RECIPES)}"),
-    Option("method", "selection", group="loss", choices=METHOD_NAMES,
-           help="the distillation loss, and with +rank the Kendall ranking loss on top at gamma = alpha (the CE "
-                "weight; --rank-weight overrides it); ce: cross-entropy alone"),
-) + _options(
+LOSS_OPTIONS = _options(
     "loss", "loss",
     ("ce_weight", dict(type=float, low=0, help="alpha")),
     ("kd_weight", dict(type=float, low=0, help="beta: weight of the KD / DKD / DIST term")),
@@ -172,7 +167,22 @@ LOSS_OPTIONS = (
                                                      "2e-3) or exact (full float32 math)")),
     ("rank_backend", dict(identity=False, choices=OP_BACKENDS)),
 )
-SHARED_OPTIONS = RUN_OPTIONS + SPEED_OPTIONS + MODEL_OPTIONS + OPTIM_OPTIONS + LOSS_OPTIONS
+METHODS_HELP = ("the distillation loss, and with +rank the Kendall ranking loss on top at gamma = alpha (the CE "
+                "weight; --rank-weight overrides it); ce: cross-entropy alone")
+
+
+def task_options(task):
+    """Every option of `task`: its own, then the shared ones, with --method offering the task's methods
+    (task.methods, explained by task.methods_help) and --loss its own loss recipes (task_loss_recipes)."""
+    recipes = task_loss_recipes(task)
+    selection = (Option("loss", "selection", group="loss", help=f"a loss recipe: {', '.join(recipes)}"),
+                 Option("method", "selection", group="loss", choices=task.methods, help=task.methods_help))
+    return task.own_options + RUN_OPTIONS + SPEED_OPTIONS + MODEL_OPTIONS + OPTIM_OPTIONS + selection + LOSS_OPTIONS
+
+
+def task_loss_recipes(task):
+    """The rankkd.recipes loss recipes of `task`: those whose names start with one of task.loss_recipe_prefixes."""
+    return tuple(name for name in LOSS_RECIPES if name.startswith(task.loss_recipe_prefixes))
 # The options a demo's teacher run takes over from the run that needs it: where and how fast it runs.
 TEACHER_RUN_INHERITS = ("device", "precision", "compile", "workers", "data_backend")
 
@@ -205,9 +215,16 @@ def section_type(task, section):
 # The command line.
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser with its errors in one line: the usage, some fifty lines for a trainer, is --help's."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
 def make_parser(task):
     """The task's command line: its own options first, then the shared ones, grouped as --help shows them."""
-    parser = argparse.ArgumentParser(description=task.description)
+    parser = OneLineParser(description=task.description)
     groups = {"run": parser}
     for option in task.options:
         if not option.command_line:
@@ -237,7 +254,7 @@ def resolve_config(task, args, env, recipe_name=None):
     for option in task.options:
         option.check(values.get(option.name))
     loss_overrides = {name: given[name] for name in given if _section(task, name) == "loss"}
-    values["loss"] = resolve_loss(values, loss_overrides, given.get("method"))
+    values["loss"] = resolve_loss(values, loss_overrides, given.get("method"), task_loss_recipes(task))
     if values["teacher"] == "none":
         values["teacher"] = None
     loss = values["loss"]
@@ -262,16 +279,15 @@ def split_method(method):
     return method.removesuffix("+rank"), method.endswith("+rank")
 
 
-def resolve_loss(values, overrides, method=None):
-    """The recipe's loss (a LOSS_RECIPES name, a DistillConfig, or None: DistillConfig's defaults) with the command
+def resolve_loss(values, overrides, method=None, known=tuple(LOSS_RECIPES)):
+    """The recipe's loss (a name among `known`, a DistillConfig, or None: DistillConfig's defaults) with the command
     line's loss options on top. The options' own ranges were checked already; what is left are rules between
     them."""
     base = values.get("loss")
     if isinstance(base, str):
-        try:
-            base = get_recipe(base)
-        except ValueError:
-            raise ValueError(f"--loss {base!r} is not a loss recipe; known: {', '.join(LOSS_RECIPES)}") from None
+        if base not in known:
+            raise ValueError(f"--loss {base!r} is not a loss recipe of this trainer; known: {', '.join(known)}")
+        base = get_recipe(base)
     merged = dataclasses.asdict(base or DistillConfig()) | overrides
     if method is not None:
         merged["method"], with_rank = split_method(method)
@@ -321,7 +337,7 @@ def run_folder_name(values, task, env):
     prefix = f"runs/{data_name}-{values['student']}-{loss.method}{'-rank' if loss.rank_weight else ''}"
     earlier = sorted(Path().glob(f"{prefix}-*/config.json")) if values["resume"] else []
     requested = settings_of_values(task, values)
-    same = [path.parent for path in earlier if not changed_settings(task, _read_settings(path), requested)]
+    same = [path.parent for path in earlier if _same_experiment(task, path, requested)]
     if same:
         return broadcast_object(str(same[-1]))
     out = broadcast_object(f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -331,11 +347,16 @@ def run_folder_name(values, task, env):
     return out
 
 
-def _read_settings(path):
+def _same_experiment(task, path, requested):
+    """Whether the run folder whose config.json is `path` holds the experiment of the flat settings `requested`. A
+    record that can't be read, or that holds none of these settings, is no match: the run starts anew instead of
+    adopting that folder (an empty record would agree with every setting)."""
     try:
-        return flat_settings(json.loads(Path(path).read_text()))
-    except (OSError, ValueError):
-        return {}  # an unreadable record is no match: the run starts anew instead of adopting it
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    saved = flat_settings(saved) if isinstance(saved, dict) else {}
+    return bool(saved.keys() & requested.keys()) and not changed_settings(task, saved, requested)
 
 
 def settings_of_values(task, values):

@@ -191,7 +191,7 @@ def save_epoch(run, env, training, log, is_best):
         save_checkpoint({"student": training.student.state_dict(), "optimizer": training.optimizer.state_dict(),
                          "scaler": training.scaler.state_dict(), "epoch": training.last_record["epoch"],
                          "best": training.best, "last_record": training.last_record, "config": record(run.cfg),
-                         "rng": rng}, run.out / "last.pt")
+                         "rng": rng}, run.out / "last.pt", keep_previous=True)
         if is_best:
             copy_atomically(run.out / "last.pt", run.out / "best.pt")
 
@@ -202,7 +202,7 @@ def start_log(run, training):
     """config.json (the run's settings, rewritten at each start) and the metrics log, opened to append."""
     settings = json.dumps(record(run.cfg), indent=2).encode()
     write_atomically(run.out / "config.json", lambda file: file.write(settings))
-    return MetricsLog(run.out, resumed_epochs=training.start_epoch)
+    return MetricsLog(run.out, resumed_epochs=training.start_epoch, resumed_record=training.last_record)
 
 
 def train_epoch(epoch, run, env, training):

@@ -5,6 +5,7 @@ import errno
 import fcntl
 import importlib.util
 import json
+import math
 import os
 import socket
 import sys
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from rankkd.training.checkpoint import load_checkpoint, write_atomically
+from rankkd.training.checkpoint import copy_atomically, load_checkpoint, previous_checkpoint, write_atomically
 from rankkd.training.config import changed_settings, flat_settings, record
-from rankkd.training.distributed import all_reduce_sum
+from rankkd.training.distributed import all_reduce_sum, barrier
 
 def _not_writable(what, folder, error):
     """A ValueError naming `folder` (as `what`, say "--out") and why `error` (an OSError) stopped a write there."""
@@ -131,12 +132,12 @@ os.register_at_fork(after_in_child=RunLock._forget_in_forked_child)
 
 
 def read_metrics(path):
-    """The records of a metrics.jsonl (none if it does not exist) and a note when its last line was cut short (a run
-    stopped while writing it; that epoch is not in last.pt either, so it is dropped). Any other unreadable line is a
-    ValueError naming the file and line."""
+    """The records of a metrics.jsonl (none if it does not exist) and whether its last line was cut short (a run
+    stopped while writing it, or the file lost its end). Any other unreadable line is a ValueError naming the file
+    and line."""
     path = Path(path)
     if not path.exists():
-        return [], None
+        return [], False
     lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
     records = []
     for number, line in enumerate(lines, 1):
@@ -146,24 +147,35 @@ def read_metrics(path):
                 raise ValueError("no epoch")
         except ValueError:
             if number == len(lines):
-                return records, f"{path}: dropped its last line, cut short (a run stopped while writing it)"
+                return records, True
             raise ValueError(f"{path} line {number} is not an epoch record: {line[:60]!r}") from None
         records.append(record)
-    return records, None
+    return records, False
 
 
 class MetricsLog:
     """Appends one JSON object per epoch to DIR/metrics.jsonl (and TensorBoard events when tensorboard is
-    installed). Opened for a run resumed after `resumed_epochs` epochs, it first drops lines of later epochs,
-    which a run killed between logging and checkpointing leaves behind."""
+    installed). Opened for a run resumed after `resumed_epochs` epochs, whose checkpoint holds `resumed_record` (that
+    epoch's record), it first drops lines of later epochs, which a run killed between logging and checkpointing
+    leaves behind, and writes the checkpoint's record back when the file lacks it (its line was cut short): the
+    file then holds every epoch the checkpoint does."""
 
-    def __init__(self, out_dir, resumed_epochs=0):
+    def __init__(self, out_dir, resumed_epochs=0, resumed_record=None):
         self.path = Path(out_dir) / "metrics.jsonl"
-        records, note = read_metrics(self.path)
-        if note:
-            print(note, file=sys.stderr)
-        kept = [json.dumps(record) + "\n" for record in records if record["epoch"] <= resumed_epochs]
-        write_atomically(self.path, lambda file: file.write("".join(kept).encode()))
+        records, cut_short = read_metrics(self.path)
+        kept = [record for record in records if record["epoch"] <= resumed_epochs]
+        rebuilt = bool(resumed_record) and resumed_record["epoch"] == resumed_epochs and (
+            not kept or kept[-1]["epoch"] < resumed_epochs)
+        if rebuilt:
+            kept.append(resumed_record)
+        if cut_short:
+            print(f"{self.path}: its last line was cut short (a run stopped while writing it); "
+                  + (f"rebuilt epoch {resumed_epochs}'s record from the checkpoint" if rebuilt else "dropped it"),
+                  file=sys.stderr)
+        elif rebuilt:
+            print(f"{self.path} lacked epoch {resumed_epochs}: rebuilt its record from the checkpoint", file=sys.stderr)
+        lines = "".join(json.dumps(record) + "\n" for record in kept)
+        write_atomically(self.path, lambda file: file.write(lines.encode()))
         self.tensorboard = None
         if importlib.util.find_spec("tensorboard") is not None:
             try:
@@ -193,12 +205,41 @@ class DiskFullError(RuntimeError):
     """The disk filled up while a run wrote into its folder."""
 
 
+def checkpoint_to_continue_from(out):
+    """The checkpoint that a run in folder `out` continues from, as (path, state, note); None when it holds none.
+    That is last.pt, or previous.pt (the one before it) when last.pt is missing (a run stopped while replacing it)
+    or cannot be read (damaged, cut short): the note then says why, and which epoch the run continues from. A
+    ValueError of one line names the file and the problem when neither can be read."""
+    last = Path(out) / "last.pt"
+    previous = previous_checkpoint(last)
+    if not (last.exists() or previous.exists()):
+        return None
+    if last.exists():
+        try:
+            return last, load_checkpoint(last), None
+        except ValueError as error:
+            problem = str(error)
+    else:
+        problem = f"{last} is missing (a run stopped while replacing it)"
+    if not previous.exists():
+        raise ValueError(f"{problem}; there is no previous.pt to fall back to")
+    try:
+        state = load_checkpoint(previous)
+    except ValueError as error:
+        raise ValueError(f"{problem}; and {error}") from None
+    return previous, state, f"{problem}: continuing from {previous}, which holds epoch {state['epoch']}"
+
+
 def saved_progress(out):
     """What a run that stops now leaves behind, in one sentence."""
-    last = Path(out) / "last.pt"
-    if not last.exists():
+    try:
+        found = checkpoint_to_continue_from(out)
+    except ValueError as error:
+        return f"nothing to continue from: {error}."
+    if found is None:
         return "no checkpoint had been written yet."
-    return f"{last} holds epoch {load_checkpoint(last)['epoch']}, the last completed one."
+    path, state, _ = found
+    return f"{path} holds epoch {state['epoch']}{', the last completed one' if path.name == 'last.pt' else ''}."
 
 
 @contextlib.contextmanager
@@ -247,15 +288,43 @@ def open_run_folder(task, cfg, env):
 
 def _checkpoint_to_continue(task, cfg, env, out):
     last = out / "last.pt"
-    if not last.exists():
+    if not (last.exists() or previous_checkpoint(last).exists()):
         return None, []
     if not cfg.run.resume:
         raise ValueError(f"{out} already holds a run (last.pt): continue it with --resume auto, or pick another --out")
-    state = load_checkpoint(last)
+    path, state, note = checkpoint_to_continue_from(out)
     changed = changed_settings(task, flat_settings(state["config"]), flat_settings(record(cfg)))
     if changed and not cfg.run.allow_changed_settings:
         raise ValueError(f"{out} holds a run with other settings ({'; '.join(changed)}): pick another --out, or "
                          "continue it anyway with --allow-changed-settings")
+    if note is not None:
+        _fall_back(path, state, note, env)
     if changed and env.is_main:
         print(f"resuming with changed settings: {'; '.join(changed)}")
     return state, changed
+
+
+def _fall_back(previous, state, note, env):
+    """Continuing from previous.pt: last.pt becomes a copy of it (a damaged one kept for a look as
+    last.pt.damaged), so that the folder reads as if the run had stopped after that epoch: the next checkpoint turns
+    it into previous.pt, not the damaged file. A best.pt of a later epoch goes too: that epoch is trained again.
+    Once every rank has read its checkpoint."""
+    barrier()
+    if not env.is_main:
+        return
+    last, best = previous.with_name("last.pt"), previous.with_name("best.pt")
+    if last.exists():
+        os.replace(last, last.with_name(f"{last.name}.damaged"))
+        note += f" (the damaged file is kept as {last.name}.damaged)"
+    copy_atomically(previous, last)
+    if best.exists() and _epoch_of(best) > state["epoch"]:
+        best.unlink()
+        note += "; best.pt, of an epoch after it, is dropped"
+    print(note, file=sys.stderr, flush=True)
+
+
+def _epoch_of(path):
+    try:
+        return load_checkpoint(path)["epoch"]
+    except ValueError:
+        return math.inf  # an unreadable best.pt is no best either

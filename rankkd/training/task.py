@@ -2,7 +2,8 @@
 
 A task is an object with
 - name, description (the first line of --help), zoo (its model zoo in rankkd.models), options (the shared options
-  of rankkd.training.config plus its own) and recipes (name -> dict of option values, "loss" a rankkd.recipes
+  of rankkd.training.config plus its own), methods and loss_recipe_prefixes (what --method and --loss offer) and
+  recipes (name -> dict of option values, "loss" a rankkd.recipes
   name or a DistillConfig; "demo" and "demo-teacher" run on the embedded demo data);
 - recipe(args, name): which recipe a command line starts from, adjusted to it (a pair picks models and loss);
 - check(values, env): its own rules over the resolved values (paths, architectures, combinations), raising a
@@ -23,7 +24,7 @@ import torch
 
 from rankkd import models
 from rankkd.distill import Distiller
-from rankkd.training.config import SHARED_OPTIONS
+from rankkd.training.config import METHOD_NAMES, METHODS_HELP, task_options
 from rankkd.training.metrics import evaluate_classifier
 
 
@@ -32,10 +33,12 @@ class Task:
     torch.compile as it is."""
     zoo = "imagenet"
     own_options = ()
+    methods, methods_help = METHOD_NAMES, METHODS_HELP  # what --method offers
+    loss_recipe_prefixes = ()  # what --loss offers: the rankkd.recipes loss recipes named so
 
     @property
     def options(self):
-        return self.own_options + SHARED_OPTIONS
+        return task_options(self)
 
     def check_models(self, values):
         for name in (values["student"], values["teacher"]):

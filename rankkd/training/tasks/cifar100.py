@@ -72,6 +72,7 @@ class Cifar100Task(ClassificationTask):
     zoo = "cifar"
     recipes = RECIPES
     own_options = OPTIONS
+    loss_recipe_prefixes = ("cifar100-",)
 
     def recipe(self, args, name=None):
         name = name or ("demo" if args.data == "demo" else "cifar100")

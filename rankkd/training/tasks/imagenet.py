@@ -142,6 +142,7 @@ class ImageNetTask(ClassificationTask):
     description = __doc__.split("\n\n")[0]
     recipes = RECIPES
     own_options = OPTIONS
+    loss_recipe_prefixes = ("imagenet-", "deit-")
 
     def recipe(self, args, name=None):
         name = name or args.recipe or ("demo" if args.data == "demo" else "imagenet")
