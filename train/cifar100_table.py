@@ -7,6 +7,8 @@ with the results gathered into a table after every finished run.
     python train/cifar100_table.py ... --methods kd+rank --rank-k 1,10,100    # the ranking loss's k as an axis
     python train/cifar100_table.py ... -- --rank-precision exact             # after --: options of every run
     torchrun --nproc_per_node 8 train/cifar100_table.py ...                  # one GPU per process, cells shared
+    python train/cifar100_table.py ... --launcher slurm --partition gpu --max-jobs 16   # one SLURM job per cell
+    python train/cifar100_table.py ... --progress                            # each cell's state, and the table
 
 Each cell is one train/cifar100.py run in its own process, in OUT/<pair>/<method>/seed<N>/ (its train.log, metrics,
 checkpoints). --parallel N runs N cells at once on each GPU. Cells are claimed through a lock file, so the processes
@@ -15,10 +17,18 @@ stops its runs; the same command again skips the finished cells and continues th
 checkpoint (--resume auto), losing at most the epoch in progress. After every finished cell, table.md, results.csv
 and table.png (with matplotlib installed) in OUT are rewritten from the finished cells' metrics.jsonl.
 
+--launcher local runs each cell as a submitit job on this machine, --launcher slurm submits the cells as one SLURM job
+array and exits: the jobs write the table, a preempted or timed-out job requeues itself and continues its run from
+its checkpoint, and the same command again shows where the grid is and resubmits the cells whose jobs failed or were
+lost. The cell folders hold the grid's state, so any launcher can take a grid over from another.
+
 The grid's parts are rankkd/training/grid: cells (the axes, each cell's trainer options, the checks before any
-run), scheduler (GPU slots, processes, claims, done/failed markers) and report (the table).
+run), scheduler (GPU slots, processes, claims, done/failed markers), launchers (cells as submitit jobs, their states)
+and report (the table).
 """
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -28,13 +38,20 @@ import torch  # noqa: E402
 
 from rankkd.distill import DistillConfig  # noqa: E402
 from rankkd.recipes import CIFAR100_PAIRS  # noqa: E402
+from rankkd.training.config import OneLineParser  # noqa: E402
+from rankkd.training.grid import launchers  # noqa: E402
 from rankkd.training.grid.cells import (BASE_METHODS, DEFAULT_METHODS, DEMO_PAIRS, check_grid, read_json,  # noqa: E402
                                         check_grid_record, check_trainer_args, grid_cells, trainer_argv)
 from rankkd.training.grid.report import write_table  # noqa: E402
-from rankkd.training.grid.scheduler import CELLS_PER_GPU, Runner, find_slots  # noqa: E402
+from rankkd.training.grid.scheduler import CELLS_PER_GPU, Runner, find_slots, is_done, progress_line  # noqa: E402
 from rankkd.training.run_folder import check_writable  # noqa: E402
 
 TRAINER = Path(__file__).resolve().parent / "cifar100.py"
+SLURM_MINUTES = 240  # a job's time limit: a 240-epoch cell takes far less on one GPU, and a longer one requeues
+LOCAL_MINUTES = 7 * 24 * 60  # local jobs have no queue time to share: in effect no limit
+# The SlurmExecutor parameters that options of their own set.
+SLURM_OPTIONS = {"partition": "--partition", "account": "--account", "time": "--time",
+                 "gpus_per_node": "--gpus-per-cell", "constraint": "--constraint", "array_parallelism": "--max-jobs"}
 
 
 def comma_list(kind, what):
@@ -58,8 +75,8 @@ def topk_value(text):
 
 
 def make_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     usage="%(prog)s [options] [-- options of every train/cifar100.py run]")
+    parser = OneLineParser(description=__doc__.split("\n\n")[0],
+                           usage="%(prog)s [options] [-- options of every train/cifar100.py run]")
     add = parser.add_argument
     add("--data", default="demo", help="the cifar-100-python folder (or its parent, or the .tar.gz), 'demo' (the "
                                        "embedded digits and two small pairs) or 'synthetic' (random images: timing)")
@@ -80,7 +97,32 @@ def make_parser():
         help="+rank methods: one cell per channel count, the teacher's top-K classes, e.g. all,20 (default all)")
     add("--parallel", type=int, help=f"cells run at once on each GPU (default {CELLS_PER_GPU}; on the CPU 1)")
     add("--device", default="auto", choices=["auto", "cuda", "cpu"], help="default: the GPUs when there are any")
+    add("--launcher", default="here", choices=["here", "local", "slurm"],
+        help="here: the cells as processes of this runner (default); local: as submitit jobs on this machine; "
+             "slurm: as one SLURM job array, submitted, then this runner exits (needs submitit)")
+    add("--progress", action="store_true",
+        help="print each cell's state, epochs and the training time it still needs, and the table so far; run and "
+             "submit nothing")
+    add("--time", type=float, help="--launcher local and slurm: minutes a job may run before it is stopped and "
+                                   "requeued, its run continuing from its checkpoint (default: slurm "
+                                   f"{SLURM_MINUTES}, local {LOCAL_MINUTES})")
+    slurm = parser.add_argument_group("--launcher slurm: one job per cell (through submitit's SlurmExecutor)")
+    slurm.add_argument("--partition", help="the partition of the jobs")
+    slurm.add_argument("--account", help="the account the jobs are charged to")
+    slurm.add_argument("--gpus-per-cell", type=int, help="GPUs of each job (default 1; 0 with --device cpu)")
+    slurm.add_argument("--constraint", help="node features the jobs need, e.g. h100")
+    slurm.add_argument("--max-jobs", type=int, help="cells running at once (the job array's limit; default all)")
+    slurm.add_argument("--slurm", type=slurm_parameter, action="append", default=[], metavar="KEY=VALUE",
+                       help="any other parameter of submitit's SlurmExecutor, VALUE as JSON when it is JSON, e.g. "
+                            "cpus_per_task=8, mem=64G, qos=high, 'setup=[\"module load cuda\"]' (repeatable)")
     return parser
+
+
+def slurm_parameter(text):
+    try:
+        return launchers.parse_parameter(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}") from None
 
 
 def parse_args(argv=None):
@@ -125,25 +167,76 @@ def check_args(args):
         raise ValueError(f"--parallel must be >= 1, got {args.parallel}")
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    check_launcher_args(args)
     args.out = Path(args.out)
     return pairs
 
 
+def check_launcher_args(args):
+    slurm_only = [option for option, value in (("--partition", args.partition), ("--account", args.account),
+                                               ("--gpus-per-cell", args.gpus_per_cell),
+                                               ("--constraint", args.constraint), ("--max-jobs", args.max_jobs),
+                                               ("--slurm", args.slurm)) if value not in (None, [])]
+    if args.launcher != "here" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ValueError(f"--launcher {args.launcher} submits from one process: start it with python, not torchrun")
+    if slurm_only and args.launcher != "slurm":
+        raise ValueError(f"{', '.join(slurm_only)} set SLURM jobs: give --launcher slurm (not {args.launcher})")
+    if args.launcher == "slurm" and args.parallel is not None:
+        raise ValueError("--parallel applies to --launcher here and local: SLURM runs one cell per job (--max-jobs "
+                         "caps how many at once)")
+    if args.time is not None and args.launcher == "here":
+        raise ValueError("--time is the time limit of a job: give --launcher local or slurm")
+    if args.time is not None and not args.time > 0:
+        raise ValueError(f"--time must be > 0 minutes, got {args.time:g}")
+    if args.max_jobs is not None and args.max_jobs < 1:
+        raise ValueError(f"--max-jobs must be >= 1, got {args.max_jobs}")
+    if args.gpus_per_cell is not None and args.gpus_per_cell < 0:
+        raise ValueError(f"--gpus-per-cell must be >= 0, got {args.gpus_per_cell}")
+    for key, _ in args.slurm:
+        if key in SLURM_OPTIONS:
+            raise ValueError(f"--slurm {key}=...: give {SLURM_OPTIONS[key]} instead")
+
+
+def slurm_parameters(args, out):
+    """submitit's SlurmExecutor parameters of the grid's jobs: one task, its GPUs, the options, --slurm's."""
+    parameters = {"job_name": f"rankkd-{out.resolve().name}", "nodes": 1, "ntasks_per_node": 1,
+                  "time": math.ceil(args.time or SLURM_MINUTES)}
+    gpus = args.gpus_per_cell if args.gpus_per_cell is not None else int(args.device != "cpu")
+    if gpus:
+        parameters["gpus_per_node"] = gpus
+    for name in ("partition", "account", "constraint"):
+        if getattr(args, name) is not None:
+            parameters[name] = getattr(args, name)
+    if args.max_jobs is not None:
+        parameters["array_parallelism"] = args.max_jobs
+    return parameters | dict(args.slurm)
+
+
 def check_and_plan(args):
-    """Everything checked before any run starts, and --out claimed for this grid. Returns (cells, their resolved
-    settings, where they run, what every cell of the grid shares)."""
+    """Everything checked before any run starts or job is submitted, and --out claimed for this grid (--progress:
+    the settings only, nothing written). Returns (cells, their resolved settings, where they run here (None for
+    SLURM and --progress), what every cell of the grid shares, the SLURM executor (None without slurm))."""
     pairs = check_args(args)
     cells = grid_cells(args, pairs)
-    placement = find_slots(args.device, args.parallel)
+    placement = find_slots(args.device, args.parallel) if args.launcher != "slurm" and not args.progress else None
     standardize = check_trainer_args(args.trainer_args)
-    configs = check_grid(args, cells, torch.device("cuda" if placement.slots[0] is not None else "cpu"))
+    # Checked for the devices that the runs will have: a SLURM job's GPU, not the login node's.
+    on_gpu = placement.slots[0] is not None if placement is not None else args.device != "cpu"
+    configs = check_grid(args, cells, torch.device("cuda" if on_gpu else "cpu"), check_files=not args.progress)
     # What every cell of one table shares: its rows compare runs that differ only in the grid's axes.
     grid = {"data": args.data, "trainer_args": args.trainer_args,
             "published_baselines": args.data not in ("demo", "synthetic") and not standardize}
+    if args.progress:
+        return cells, configs, None, grid, None
+    executor = None
+    if args.launcher == "slurm":
+        executor = launchers.slurm_executor(args.out, slurm_parameters(args, args.out))
+    elif args.launcher == "local":
+        launchers.import_submitit()
     check_writable(args.out, "--out")
     check_grid_record(args.out, grid)
     check_run_lengths(args.out, cells, {cell: configs[cell].run.epochs for cell in cells})
-    return cells, configs, placement, grid
+    return cells, configs, placement, grid, executor
 
 
 def check_run_lengths(out, cells, epochs):
@@ -158,29 +251,57 @@ def check_run_lengths(out, cells, epochs):
 
 def main(argv=None):
     """Run the grid of `argv` (default: the command line). Exits 2 on bad settings (nothing run), 1 when a cell
-    failed (the others still ran), 0 when every cell finished. Returns the table's rows."""
+    failed (the others still ran), 0 when every cell finished; with --launcher slurm, once the cells that need a job
+    are submitted, and with --progress once the report is printed. Returns the table's rows (so far)."""
     args = parse_args(argv)
     try:
-        cells, configs, placement, grid = check_and_plan(args)
+        cells, configs, placement, grid, executor = check_and_plan(args)
     except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"cifar100_table.py: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
-    runner = Runner(args.out, {cell: [sys.executable, str(TRAINER), *trainer_argv(cell, args)] for cell in cells},
-                    {cell: configs[cell].run.epochs for cell in cells}, placement,
-                    on_cell_done=lambda progress: write_table(args.out, grid, progress))
+    commands = {cell: [sys.executable, str(TRAINER), *trainer_argv(cell, args)] for cell in cells}
+    epochs = {cell: configs[cell].run.epochs for cell in cells}
+    if args.progress:
+        return launchers.print_progress(args.out, epochs, grid)
     axes = f"{len({cell.pair for cell in cells})} pair(s) x {len(args.methods)} method(s) x {len(args.seeds)} seed(s)"
-    runner.say(f"grid: {len(cells)} cells ({axes}{' x rank options' if args.rank_k or args.rank_topk else ''}) on "
-               f"{placement.describe()}, {placement.threads} CPU thread(s) per run | out {args.out}")
-    if placement.rank == 0:
-        write_table(args.out, grid, runner.progress())
+    axes = f"{len(cells)} cells ({axes}{' x rank options' if args.rank_k or args.rank_topk else ''})"
+    if args.launcher == "slurm":
+        return submit_to_slurm(args, executor, commands, epochs, grid, axes)
+    if args.launcher == "local":
+        runner = launchers.LocalRunner(args.out, commands, epochs, grid, placement, args.time or LOCAL_MINUTES)
+        runner.say(f"grid: {axes} as local jobs on {placement.describe()}, {placement.threads} CPU thread(s) per run "
+                   f"| out {args.out}")
+        write_table(args.out, grid, progress_line(args.out, epochs))
+    else:
+        runner = Runner(args.out, commands, epochs, placement,
+                        on_cell_done=lambda progress: write_table(args.out, grid, progress))
+        runner.say(f"grid: {axes} on {placement.describe()}, {placement.threads} CPU thread(s) per run | out "
+                   f"{args.out}")
+        if placement.rank == 0:
+            write_table(args.out, grid, runner.progress())
     failed = runner.run()
-    rows, text = write_table(args.out, grid, runner.progress())
+    rows, text = write_table(args.out, grid, progress_line(args.out, epochs))
     if placement.rank == 0:
         print(f"\n{args.out / 'table.md'}:\n\n{text}")
     if failed:
         runner.say(f"{len(failed)} cell(s) failed: {'; '.join(str(cell) for cell in failed)}. Their train.log says "
                    "why; the same command retries them.")
         sys.exit(1)
+    return rows
+
+
+def submit_to_slurm(args, executor, commands, epochs, grid, axes):
+    """Submit the cells that need a job and exit: the jobs write the table. Returns the table's rows so far."""
+    print(f"grid: {axes} as SLURM jobs | out {args.out}", flush=True)
+    submitted = launchers.submit_slurm(executor, args.out, commands, epochs, grid)
+    rows, text = write_table(args.out, grid, progress_line(args.out, epochs))
+    if not submitted:
+        done = all(is_done(args.out / cell.folder, cell_epochs) for cell, cell_epochs in epochs.items())
+        print(f"\n{args.out / 'table.md'}:\n\n{text}" if done else
+              "no cell needs a job: the others are queued or running", flush=True)
+        return rows
+    print(f"the jobs write {args.out / 'table.md'} as their cells finish; the same command with --progress shows where "
+          "the grid is, and without it resubmits the cells whose jobs failed or were lost", flush=True)
     return rows
 
 

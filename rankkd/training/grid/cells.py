@@ -122,9 +122,9 @@ def check_trainer_args(trainer_args):
     return bool(given["standardize"])
 
 
-def check_grid(args, cells, device):
-    """Each cell's settings (a RunConfig), resolved and checked as its run will, with the data and teacher files.
-    Raises ValueError naming what is wrong; nothing is written."""
+def check_grid(args, cells, device, check_files=True):
+    """Each cell's settings (a RunConfig), resolved and checked as its run will on `device`, with the data and teacher
+    files unless check_files is False. Raises ValueError naming what is wrong; nothing is written."""
     num_classes = 10 if args.data == "demo" else 100
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=device)  # every run is one process
     configs = {}
@@ -135,7 +135,7 @@ def check_grid(args, cells, device):
             raise ValueError(f"cell {cell}: {error}") from None
         check_loss_fits(cfg.loss, num_classes, device)
         configs[cell] = cfg
-    if args.data not in ("demo", "synthetic"):
+    if check_files and args.data not in ("demo", "synthetic"):
         load_cifar100(args.data)  # a missing or foreign file is named here, once, not in every cell's log
         check_teacher_files(args.teachers, {CIFAR100_PAIRS[cell.pair][0] for cell in cells}, num_classes)
     return configs

@@ -81,25 +81,29 @@ def run_environment(slot, placement):
     return env
 
 
-def die_with_runner(runner_pid):
+def die_with_runner(runner_pid, ignored=()):
     """What a run's process does before it starts: die with the runner, even a SIGKILLed one, instead of running on
-    unwatched and holding the cell's folder (Linux: PR_SET_PDEATHSIG, checked against a runner already gone)."""
+    unwatched and holding the cell's folder (Linux: PR_SET_PDEATHSIG, checked against a runner already gone); and
+    ignore the signals `ignored` (those meant for the runner alone)."""
     libc = ctypes.CDLL(None, use_errno=True)
 
     def arrange():
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+        for signum in ignored:
+            signal.signal(signum, signal.SIG_IGN)
         if os.getppid() != runner_pid:
             os._exit(1)
     return arrange
 
 
-def start_process(argv, log_path, env):
-    """`argv` as a process writing to the log at `log_path` (appended to: the log of every attempt at a cell)."""
+def start_process(argv, log_path, env, ignored=()):
+    """`argv` as a process writing to the log at `log_path` (appended to: the log of every attempt at a cell),
+    ignoring the signals `ignored`."""
     with open(log_path, "a") as log:  # the process holds its own descriptor
         log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(argv)}\n")
         log.flush()
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                preexec_fn=die_with_runner(os.getpid()) if sys.platform == "linux" else None)
+                                preexec_fn=die_with_runner(os.getpid(), ignored) if sys.platform == "linux" else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -144,8 +148,65 @@ def last_log_line(path):
     return lines[-1].strip() if lines else "(empty log)"
 
 
+def record_end(folder, epochs, code):
+    """Mark the cell in `folder` done or failed once its run ended with exit status `code`: done when it exited 0
+    after `epochs` epochs. Returns its epoch records and, when it failed, the reason (None when done)."""
+    reason = None
+    try:
+        records, _ = read_metrics_file(Path(folder) / "metrics.jsonl")
+    except (OSError, ValueError) as error:  # one cell's damaged files fail that cell, never the grid
+        records, reason = [], f"its files can't be read: {error}"
+    if code == 0 and (not records or records[-1]["epoch"] < epochs):
+        code = "0, short of its epochs"  # cannot happen with train/cifar100.py as it is; never call it done
+    if code != 0:
+        return records, f"exit {code}: {mark_failed(Path(folder), code, reason)}"
+    mark_done(Path(folder), records[-1]["epoch"])
+    return records, None
+
+
+def done_line(cell, records, seconds):
+    """The line that announces a finished cell: its last and best top-1, τ and the time its run took."""
+    last = records[-1]
+    tau = f", tau {last['val_tau']:.3f}" if last.get("val_tau") is not None else ""
+    return (f"done {cell}: top-1 {last['val_top1']:.2f} (best {max(record['val_top1'] for record in records):.2f})"
+            f"{tau}, {format_duration(seconds)}")
+
+
+def progress_line(out, epochs):
+    """How many of the cells `epochs` (cell -> its epochs) are finished."""
+    done = sum(is_done(Path(out) / cell.folder, cell_epochs) for cell, cell_epochs in epochs.items())
+    return f"{done} of the {len(epochs)} cells of this grid finished"
+
+
 def mean_epoch_time(records):
     return statistics.fmean(record["epoch_time_s"] for record in records) if records else None
+
+
+def time_left(out, epochs, left):
+    """Seconds of training each cell of `left` still needs, from the epoch times seen so far: its epochs to go at its
+    own pace, else its pair's, else the mean over the grid `epochs` (cell -> its epochs); None before any epoch."""
+    seen = {cell: read_metrics(Path(out) / cell.folder) for cell in epochs}
+    paces = {cell: mean_epoch_time(records) for cell, records in seen.items()}
+    pair_paces = {}
+    for cell, pace in paces.items():
+        if pace is not None:
+            pair_paces.setdefault(cell.pair, []).append(pace)
+    if not pair_paces:
+        return {cell: None for cell in left}
+    overall = statistics.fmean(pace for pair in pair_paces.values() for pace in pair)
+    return {cell: (epochs[cell] - len(seen[cell]))
+            * (paces[cell] or statistics.fmean(pair_paces.get(cell.pair, [overall]))) for cell in left}
+
+
+def eta(out, epochs, left, slots):
+    """", ETA ..." for the cells `left` of the grid `epochs` run `slots` at a time: their work shared out over the
+    slots, but never less than the longest cell."""
+    if not left:
+        return ""
+    seconds = list(time_left(out, epochs, left).values())
+    if None in seconds:
+        return ", ETA: after the first epoch"
+    return f", ETA {format_duration(max(sum(seconds) / slots, max(seconds)))}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -187,8 +248,7 @@ class Runner:
         return failed_since(self.folder(cell), self.start)
 
     def progress(self):
-        done = sum(self.done(cell) for cell in self.cells)
-        return f"{done} of the {len(self.cells)} cells of this grid finished"
+        return progress_line(self.out, self.epochs)
 
     def run(self):
         """Run cells until none is left; returns those that failed. Stopped (Ctrl-C, or SIGTERM as torchrun stops its
@@ -265,47 +325,18 @@ class Runner:
     def finish(self, running, code):
         """Mark an ended run's cell done or failed and release it."""
         cell, folder = running.cell, self.folder(running.cell)
-        reason = None
-        try:
-            records, _ = read_metrics_file(folder / "metrics.jsonl")
-        except (OSError, ValueError) as error:  # one cell's damaged files fail that cell, never the grid
-            records, reason = [], f"its files can't be read: {error}"
-        if code == 0 and (not records or records[-1]["epoch"] < self.epochs[cell]):
-            code = "0, short of its epochs"  # cannot happen with train/cifar100.py as it is; never call it done
-        if code != 0:
-            reason = mark_failed(folder, code, reason)
-            running.claim.release()
-            self.say(f"FAILED {cell} (exit {code}): {reason} (log: {folder / 'train.log'})")
-            return
-        mark_done(folder, records[-1]["epoch"])
+        records, failure = record_end(folder, self.epochs[cell], code)
         running.claim.release()
-        last = records[-1]
-        tau = f", tau {last['val_tau']:.3f}" if last.get("val_tau") is not None else ""
-        self.say(f"done {cell}: top-1 {last['val_top1']:.2f} (best "
-                 f"{max(record['val_top1'] for record in records):.2f}){tau}, "
-                 f"{format_duration(time.monotonic() - running.started)} | {self.progress()}{self.eta()}")
+        if failure is not None:
+            self.say(f"FAILED {cell}, {failure} (log: {folder / 'train.log'})")
+            return
+        self.say(f"{done_line(cell, records, time.monotonic() - running.started)} | {self.progress()}{self.eta()}")
         self.on_cell_done(self.progress())
 
     def eta(self):
-        """", ETA ..." from the epoch times seen so far: the epochs left in every unfinished cell of the grid, each at
-        its own pace, else its pair's, else the mean."""
-        paces, left = {}, []
-        for cell in self.cells:
-            records = read_metrics(self.folder(cell))
-            pace = mean_epoch_time(records)
-            if pace is not None:
-                paces.setdefault(cell.pair, []).append(pace)
-            if not self.done(cell) and not self.failed(cell):
-                left.append((cell, self.epochs[cell] - len(records), pace))
-        if not left:
-            return ""
-        if not paces:
-            return ", ETA: after the first epoch"
-        overall = statistics.fmean(pace for pair_paces in paces.values() for pace in pair_paces)
-        seconds = [epochs * (pace or statistics.fmean(paces.get(cell.pair, [overall]))) for cell, epochs, pace in left]
-        # The work shared out over every process's slots, but never less than the longest cell left.
-        slots = len(self.placement.slots) * self.placement.world_size
-        return f", ETA {format_duration(max(sum(seconds) / slots, max(seconds)))}"
+        """", ETA ..." of the cells left, over every process's slots."""
+        left = [cell for cell in self.cells if not self.done(cell) and not self.failed(cell)]
+        return eta(self.out, self.epochs, left, len(self.placement.slots) * self.placement.world_size)
 
     def status(self):
         self.last_status = time.monotonic()
