@@ -42,18 +42,16 @@ int64_t multiprocessor_count(int device) {
   return count;
 }
 
-// CTAs per row. More CTAs per row cost a (rows * parts, C) partial buffer and its reduction, so take the fewest that
-// give every SM at least kMinCtasPerSm CTAs (a few warps per scheduler to keep MUFU fed) with the busiest SM at most
-// ~10% above the mean (CTAs of a launch all do the same work). A budget caps the partial buffer.
+// CTAs per row: the most that keep every SM within kMaxCtasPerSm CTAs, one where the rows give the SMs that many on
+// their own. Four CTAs give each warp scheduler four warps, which bench/kernel_report.py's latency model needs to keep
+// MUFU busy while warps wait on the loads at the top of a tile pair and on the column flush (one warp alone runs the
+// pair loop at 1.7-3x the 2-tanh floor), and every float32 variant fits four per SM in registers (the 128-register
+// ones no more), so they all start at once. More CTAs per row cost a (rows * parts, C) partial buffer and its
+// reduction; a budget caps the buffer.
 int64_t parts_per_row(int64_t rows, int64_t pairs_per_row, int64_t bytes_per_slice, int64_t sms) {
-  constexpr int64_t kMinCtasPerSm = 3;
+  constexpr int64_t kMaxCtasPerSm = 4;
   constexpr int64_t kPartialBudgetBytes = int64_t{256} << 20;
-  int64_t parts = std::max<int64_t>(1, (kMinCtasPerSm * sms + rows - 1) / rows);
-  for (int64_t tries = 0; tries < 64; ++tries, ++parts) {
-    const int64_t ctas = rows * parts;
-    const int64_t busiest = (ctas + sms - 1) / sms;
-    if (10 * ctas >= 9 * busiest * sms) break;
-  }
+  int64_t parts = std::max<int64_t>(1, kMaxCtasPerSm * sms / rows);
   parts = std::min(parts, pairs_per_row);
   const int64_t affordable = std::max<int64_t>(1, kPartialBudgetBytes / std::max<int64_t>(1, rows * bytes_per_slice));
   parts = std::min(parts, affordable);

@@ -142,13 +142,14 @@ def test_default_launch_matches_reference(precision, tol):
 
 
 def test_num_parts_fills_the_schedulers():
-    # An H100's 132 SMs x 4 schedulers, one-warp programs of 32-row panels.
-    assert triton_kendall.num_parts(64, 100, 32, 1, 132) == 1  # a few microseconds of work: one launch
-    assert triton_kendall.num_parts(512, 1000, 32, 1, 132) == 1  # 512 warps for 528 schedulers: one launch
-    assert triton_kendall.num_parts(64, 4096, 32, 1, 132) == 8  # the fewest parts whose 512 warps fill them
-    # 3 parts fill them too, but put 5 programs on some SMs against 4.5 on average; 5 parts: 8 against 7.6.
+    # An H100's 132 SMs, one-warp programs of 32-row panels: up to eight warps per SM (two per scheduler), 1056.
+    assert triton_kendall.num_parts(64, 100, 32, 1, 132) == 2  # 4 panels: two per part
+    assert triton_kendall.num_parts(512, 1000, 32, 1, 132) == 2  # 1024 warps
+    assert triton_kendall.num_parts(1024, 1000, 32, 1, 132) == 1  # the rows fill the SMs: one launch
+    assert triton_kendall.num_parts(64, 4096, 32, 1, 132) == 16
     assert triton_kendall.num_parts(200, 1000, 32, 1, 132) == 5
-    assert triton_kendall.num_parts(64, 4096, 32, 2, 132) == 4  # two-warp programs: half the parts
+    assert triton_kendall.num_parts(64, 4096, 32, 2, 132) == 8  # two-warp programs: half the parts
+    assert triton_kendall.num_parts(64, 32000, 32, 1, 132) == 16  # partial sums: at most 2^25 elements
     assert triton_kendall.num_parts(2, 100000, 32, 1, 132) == triton_kendall.MAX_PARTS
 
 

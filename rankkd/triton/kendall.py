@@ -17,9 +17,10 @@ crosses C included: its columns past C are weighted by 0 per column (_pair_block
 Determinism without atomics. A program owns one row and one "part" of the row's panels, and the running gradient
 sums of its part live in a slice of memory that only it touches, so every sum is formed in a fixed order.
 tl.debug_barrier() (bar.sync, which also orders the threads' global memory accesses) separates one panel's
-read-modify-writes from the next's. When one part per row is enough (the rows fill the GPU, or the problem is too
-small to spread) that slice is the output itself and the whole op is one launch; otherwise a second kernel adds the
-parts' slices in order. Extra memory: parts * rows * C per gradient, parts <= MAX_PARTS.
+read-modify-writes from the next's. When one part per row is enough (the rows give the GPU's schedulers two warps
+each, or the row has too few panels to split) that slice is the output itself and the whole op is one launch;
+otherwise a second kernel adds the parts' slices in order. Extra memory: parts * rows * C per gradient, parts <=
+MAX_PARTS.
 
 Precision (the op's precision argument). "fast" (float32 math on a GPU) evaluates tanh with one tanh.approx.f32
 instruction (about 2^-11 relative error by the PTX ISA's bound) and sech^2 as 1 - tanh^2: loss and gradients within
@@ -50,9 +51,12 @@ from rankkd import _args, _fused
 
 # Parts per row stay at or below this: bounds the partial-sum memory to MAX_PARTS * rows * C per gradient.
 MAX_PARTS = 64
-# Problems with rows * C^2 at or below this run as one part per row: one launch beats spreading a few microseconds of
-# work.
-_SMALL_PROBLEM = 1 << 22
+# num_parts deals at most this many warps to an SM: two per warp scheduler, where one alone leaves the
+# special-function unit waiting on its results (bench/kernel_report.py's latency model). Every fast variant fits 8
+# one-warp programs per SM in registers (254 with the teacher gradient; 168-220 without), so they all start at once.
+_WARPS_PER_SM = 8
+# The partial sums of a split row (parts * rows * C per gradient) stay within this many elements.
+_PARTIAL_ELEMENTS = 1 << 25
 
 
 @triton.jit
@@ -393,7 +397,7 @@ INTERPRETED = not isinstance(_kendall_pairs_kernel, triton.runtime.JITFunction)
 # in registers, so the column sums of a block stay within a thread. One warp keeps blocks as narrow as they get (32
 # columns: the least waste in the masked diagonal block and in the half-empty block where a panel's sweep meets the
 # row's end) and the panel's row sums within a warp; an SM runs many one-warp programs, and num_parts deals enough of
-# them to give each scheduler one. Rows per thread are as many as fit without spilling (bench/kernel_report.py reads
+# them to give each scheduler two. Rows per thread are as many as fit without spilling (bench/kernel_report.py reads
 # the registers and programs per SM from the SASS); the exact tanh needs more live values, and float64 twice the
 # registers.
 NUM_WARPS = 1
@@ -409,23 +413,21 @@ def _num_sms(device):
 
 
 def num_parts(rows, num_classes, block_i, num_warps, sms):
-    """Parts per row: one when the problem is too small to be worth a second launch; else the fewest whose warps give
-    (to within 5%) each of the GPU's schedulers, four per SM, one, or up to twice as many where that evens out the
-    SMs. Programs of a launch cost about the same and a few per SM fit at once, so a launch lasts as long as its
-    busiest SM: cdiv(programs, sms) programs, whose warps run four at a time. Rows that give every scheduler a warp on
-    their own run as one part: one launch, and bench/kernel_report.py predicts that splitting them to even out the SMs
-    costs more (a second launch, waves beyond the programs that fit at once). At most MAX_PARTS and half the row's
-    panels (two panels per part, snake-dealt, keep parts even)."""
-    if rows * num_classes * num_classes <= _SMALL_PROBLEM:
+    """Parts per row: the most whose programs stay within _WARPS_PER_SM warps per SM, so that every warp scheduler
+    gets two warps where the rows alone give it fewer; rows that fill the SMs on their own run as one part (one
+    launch). bench/kernel_report.py's latency model: a scheduler with one warp runs the pair loop at about 1.27x the
+    2-tanh floor (the special-function unit idles while the warp waits on its last results), with two at 1.0-1.2x; the
+    code around the loop (a panel's diagonal block and row exchange, the row pass) is latency-bound too, so at small
+    batches more parts win even with the second launch they take, and more programs than an SM holds at once would
+    start a second wave. Over batches of 16-1024 rows and C = 1000-4096 on sm_80, sm_90 and sm_120 this choice is
+    within 4-6 % of the model's best on average for each fast variant (ten warps per SM would do better for the student
+    gradient alone, whose programs fit ten per SM, and far worse for the others, which start a second wave). At most
+    MAX_PARTS, half the row's panels (two panels per part, snake-dealt, keep parts even) and _PARTIAL_ELEMENTS of
+    partial sums."""
+    if rows == 0:
         return 1
-    limit = max(1, min(MAX_PARTS, triton.cdiv(num_classes, block_i) // 2))
-    fewest = min(limit, triton.cdiv(triton.cdiv(19 * 4 * sms, 20 * num_warps), rows))
-
-    def busy(parts):  # the share of the schedulers' time that the launch keeps busy
-        programs = rows * parts
-        return programs * num_warps / (sms * max(4, triton.cdiv(programs, sms) * num_warps))
-
-    return max(range(fewest, min(limit, 2 * fewest - 1) + 1), key=lambda parts: (busy(parts), -parts))
+    limit = min(MAX_PARTS, triton.cdiv(num_classes, block_i) // 2, _PARTIAL_ELEMENTS // (rows * num_classes))
+    return max(1, min(limit, _WARPS_PER_SM * sms // (rows * num_warps)))
 
 
 def kendall_rank(student, teacher, k, teacher_mode, precision, grad_student, grad_teacher, *, block_i=None,
