@@ -72,9 +72,11 @@ DeiT
 COCO detection (the box head's class logits of Faster R-CNN FPN, background column included)
   coco-dkd                 CE 1 (the Fast R-CNN classification loss), DKD weight 1, α 1, β 0.25, T 1, no warm-up:
                            mdistiller detection/model/config.py (KD.DKD: ALPHA 1.0, BETA 0.25, T 1.0) and rcnn.py,
-                           which adds the DKD loss to the detection losses. Published box AP: COCO_PUBLISHED_BOX_AP.
+                           which adds the DKD loss to the detection losses. Published box AP: COCO_PUBLISHED_BOX_AP,
+                           each number's source in COCO_PUBLISHED_SOURCES.
   coco-kd                  CE 1, KD 1, T 1: mdistiller's detection code has no KD config; these weights follow its
                            DKD setup and are this project's choice, not a published recipe.
+Schedules of the COCO task (COCO_SCHEDULES): detectron2's 1x and 3x at mdistiller's batch of 8.
 """
 import dataclasses
 
@@ -100,8 +102,9 @@ CIFAR100_DKD_BETA = {pair: 8.0 for pair in CIFAR100_PAIRS} | {
     "wrn40_2_wrn_16_2": 6.0, "wrn40_2_wrn_40_1": 6.0, "vgg13_vgg8": 6.0, "vgg13_mv2": 6.0,
 }
 # Top-1 (%) that mdistiller's README publishes for its KD and DKD runs of each pair (240 epochs, no ranking loss):
-# the baselines the ranking paper reports its gains over. Its DKD table labels res32x4_shuv2's student MobileNet-V2;
-# the config stem, its other tables and the DKD paper say ShuffleNet-V2.
+# the baselines the ranking paper reports its gains over, every number as CIFAR100_PUBLISHED_SOURCE gives it. Its DKD
+# table labels res32x4_shuv2's student MobileNet-V2; the config stem, its other tables and the DKD paper say
+# ShuffleNet-V2.
 CIFAR100_PUBLISHED_TOP1 = {
     "res56_res20": {"kd": 70.66, "dkd": 71.97}, "res110_res32": {"kd": 73.08, "dkd": 74.11},
     "res32x4_res8x4": {"kd": 73.33, "dkd": 76.32}, "wrn40_2_wrn_16_2": {"kd": 74.92, "dkd": 76.23},
@@ -110,6 +113,8 @@ CIFAR100_PUBLISHED_TOP1 = {
     "wrn40_2_shuv1": {"kd": 74.83, "dkd": 76.70}, "vgg13_mv2": {"kd": 67.37, "dkd": 69.71},
     "res50_mv2": {"kd": 67.35, "dkd": 70.35},
 }
+CIFAR100_PUBLISHED_SOURCE = ("mdistiller README.md (github.com/megvii-research/mdistiller), the KD and DKD rows of "
+                             "its 'Decoupled Knowledge Distillation' CIFAR-100 tables")
 
 # Logit standardization's defaults (Sun et al.'s tools/train.py): --kd-weight 9 scales the distillation weights,
 # --base-temp 2 replaces the temperature.
@@ -213,4 +218,25 @@ COCO_PUBLISHED_BOX_AP = {
     "r101_r18": {"teacher": 42.04, "student": 33.26, "kd": 33.97, "dkd": 35.05},
     "r101_r50": {"teacher": 42.04, "student": 37.93, "kd": 38.35, "dkd": 39.25},
     "r50_mv2": {"teacher": 40.22, "student": 29.47, "kd": 30.13, "dkd": 32.34},
+}
+# The file each of those numbers can be checked in, or "unverified": quoted secondhand from the DKD paper, whose table
+# was not read here. The teachers are detectron2's model-zoo detectors (mdistiller's teacher weights come from them)
+# and the R-50 student alone matches the zoo's R50-FPN 1x; MODEL_ZOO.md gives their box AP to one decimal.
+_DETECTRON2_ZOO = "detectron2 MODEL_ZOO.md, COCO Faster R-CNN table: "
+_R101_FPN_3X = _DETECTRON2_ZOO + "R101-FPN 3x (faster_rcnn_R_101_FPN_3x, model 137851257), 42.0"
+_R50_FPN_3X = _DETECTRON2_ZOO + "R50-FPN 3x (faster_rcnn_R_50_FPN_3x, model 137849458), 40.2"
+_R50_FPN_1X = _DETECTRON2_ZOO + "R50-FPN 1x (faster_rcnn_R_50_FPN_1x, model 137257794), 37.9"
+_UNVERIFIED = {"student": "unverified", "kd": "unverified", "dkd": "unverified"}
+COCO_PUBLISHED_SOURCES = {
+    "r101_r18": {**_UNVERIFIED, "teacher": _R101_FPN_3X},
+    "r101_r50": {**_UNVERIFIED, "teacher": _R101_FPN_3X, "student": _R50_FPN_1X},
+    "r50_mv2": {**_UNVERIFIED, "teacher": _R50_FPN_3X},
+}
+# detectron2's COCO schedules in the COCO task's terms (epochs of iters_per_epoch iterations, lr x0.1 at each
+# milestone) at mdistiller's batch of 8, twice the iterations of detectron2's batch of 16: 1x is 90k iterations at
+# 16 (steps 60k, 80k) = 180k at 8, how mdistiller trains its students; 3x is 270k at 16 (steps 210k, 250k) = 540k at
+# 8, how the zoo's teachers were trained.
+COCO_SCHEDULES = {
+    "1x": {"epochs": 36, "iters_per_epoch": 5000, "milestones": (24, 32)},
+    "3x": {"epochs": 108, "iters_per_epoch": 5000, "milestones": (84, 100)},
 }

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("torchvision")
 
-from rankkd.detection.distill import DetectionDistiller, box_head_logits  # noqa: E402
+from rankkd.detection.distill import DetectionDistiller, box_head_logits, teacher_images  # noqa: E402
 from rankkd.detection.models import build_detector  # noqa: E402
 from rankkd.distill import DistillConfig  # noqa: E402
 
@@ -127,8 +127,37 @@ def test_refusals():
     with pytest.raises(ValueError, match="needs a teacher"):
         DetectionDistiller(detector(), None, DistillConfig(method="kd"))
     other = build_detector("demo_small", NUM_CLASSES, min_size=64, max_size=96, **SMALL)
-    with pytest.raises(ValueError, match="transform differs"):
+    with pytest.raises(ValueError, match="resizes or pads differently"):
         DetectionDistiller(detector(), other, DistillConfig(method="kd"))
+
+
+def test_a_teacher_with_its_own_normalisation_reads_the_students_batch_renormalised():
+    student, teacher = detector(), detector("demo_small", 1)
+    teacher.transform.image_mean, teacher.transform.image_std = [0.1, 0.6, 0.3], [0.5, 0.25, 2.0]
+    images, targets = batch()
+    image_list, _ = student.transform(images)
+    renormalised = teacher_images(student, teacher, image_list)
+    # What the teacher's own transform makes of the images: its normalisation, zero padding (float64 reference).
+    mean, std = (torch.tensor(v, dtype=torch.float64)[:, None, None] for v in ([0.1, 0.6, 0.3], [0.5, 0.25, 2.0]))
+    for index, image in enumerate(images):
+        height, width = image.shape[-2:]
+        expected = torch.zeros(renormalised.shape[1:], dtype=torch.float64)
+        expected[:, :height, :width] = (image.double() - mean) / std
+        torch.testing.assert_close(renormalised[index].double(), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(renormalised, teacher.transform(images)[0].tensors, rtol=0, atol=1e-5)
+
+    distiller = DetectionDistiller(student, teacher, DistillConfig(method="kd", temperature=1.0)).train()
+    torch.manual_seed(3)
+    distiller(images, targets)
+    _, teacher_logits, _ = distiller.last_logits
+    torch.manual_seed(3)
+    image_list, targets = student.transform(images, targets)
+    proposals, _ = student.rpn(image_list, student.backbone(image_list.tensors), targets)
+    proposals, *_ = student.roi_heads.select_training_samples(proposals, targets)
+    with torch.no_grad():
+        own_batch = teacher.transform(images)[0].tensors
+        expected, _ = box_head_logits(teacher, teacher.backbone(own_batch), proposals, image_list.image_sizes)
+    torch.testing.assert_close(teacher_logits, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_eval_mode_returns_detections():

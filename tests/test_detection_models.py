@@ -65,10 +65,39 @@ def test_bad_arguments():
 
 
 def test_pairs_and_published_numbers():
+    from rankkd.recipes import COCO_PUBLISHED_SOURCES
+
     assert all(t in BACKBONES and s in BACKBONES for t, s in PAIRS.values())
     assert set(PUBLISHED_BOX_AP) == set(PAIRS) - {"demo"}
     assert PUBLISHED_BOX_AP["r101_r18"]["dkd"] == 35.05
     assert len(COCO_CATEGORY_IDS) == 80
+    # Every published number has a source: a file where it can be checked, or "unverified".
+    assert {pair: set(numbers) for pair, numbers in COCO_PUBLISHED_SOURCES.items()} == {
+        pair: set(numbers) for pair, numbers in PUBLISHED_BOX_AP.items()}
+    sources = {PUBLISHED_BOX_AP[pair][name]: source for pair, numbers in COCO_PUBLISHED_SOURCES.items()
+               for name, source in numbers.items() if source != "unverified"}
+    assert sources.keys() == {42.04, 40.22, 37.93} and all("MODEL_ZOO.md" in source for source in sources.values())
+
+
+def test_teacher_recipe_trains_the_pairs_teacher_on_the_3x_schedule():
+    from rankkd.training.config import make_parser, resolve_config
+    from rankkd.training.distributed import DistEnv
+    from rankkd.training.tasks.coco import TASK
+
+    def resolve(*argv):
+        args = make_parser(TASK).parse_args([*argv, "--data", "synthetic", "--out", "unused"])
+        return resolve_config(TASK, args, DistEnv(0, 0, 8, torch.device("cpu")))
+
+    for pair, teacher in (("r101_r18", "resnet101"), ("r50_mv2", "resnet50")):
+        cfg = resolve("--recipe", "coco-teacher-3x", "--pair", pair, "--batch-size", "1")
+        assert (cfg.model.student, cfg.model.teacher, cfg.loss.method, cfg.loss.rank_weight) == (teacher, None, "ce", 0)
+        # detectron2's 3x: 270k iterations at 16 images, x0.1 at 210k and 250k = 540k, 420k, 500k at 8.
+        iterations = cfg.data.iters_per_epoch * cfg.optim.global_batch_size / 16  # in iterations of 16 images
+        assert (cfg.run.epochs * iterations, tuple(m * iterations for m in cfg.optim.milestones)) == (
+            270_000, (210_000, 250_000))
+    cfg = resolve("--pair", "r101_r18", "--batch-size", "1")
+    iterations = cfg.data.iters_per_epoch * cfg.optim.global_batch_size / 16  # in iterations of 16 images
+    assert (cfg.run.epochs * iterations, cfg.model.student) == (90_000, "resnet18")  # 1x, the students'
 
 
 def test_teacher_from_a_trainer_checkpoint(tmp_path):
@@ -128,3 +157,61 @@ def test_demo_detector_trains_a_step():
                                                 "labels": torch.tensor([2])}])
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
     sum(losses.values()).backward()
+
+
+def test_detectron2_heads_by_default():
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from rankkd.detection.heads import AlignedRoIPooler
+
+    model = build_detector("demo_tiny", 4, **SMALL)
+    assert isinstance(model.roi_heads.box_roi_pool, AlignedRoIPooler)
+    assert model.rpn.box_loss_beta == model.roi_heads.box_loss_beta == 0.0 and not model.rpn.anchor_generator.rounded
+    torchvision_style = build_detector("demo_tiny", 4, head_style="torchvision", **SMALL)
+    assert isinstance(torchvision_style.roi_heads.box_roi_pool, MultiScaleRoIAlign)
+    assert torchvision_style.rpn.box_loss_beta == torchvision_style.roi_heads.box_loss_beta == pytest.approx(1 / 9)
+    assert torchvision_style.rpn.anchor_generator.rounded
+    with pytest.raises(ValueError, match="head_style must be one of detectron2, torchvision, got 'caffe'"):
+        build_detector("demo_tiny", 4, head_style="caffe")
+
+
+def test_torchvision_style_is_torchvisions_faster_rcnn():
+    # The same modules in torchvision's own FasterRCNN: the same losses in training and detections in evaluation.
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    torch.manual_seed(0)
+    ours = build_detector("demo_tiny", 4, head_style="torchvision", **SMALL)
+    reference = FasterRCNN(ours.backbone, None, rpn_anchor_generator=AnchorGenerator(
+                               tuple((size,) for size in SMALL["anchor_sizes"]), ((0.5, 1.0, 2.0),) * 5),
+                           rpn_head=ours.rpn.head, rpn_post_nms_top_n_train=1000, box_head=ours.roi_heads.box_head,
+                           box_predictor=ours.roi_heads.box_predictor, box_batch_size_per_image=32)
+    reference.transform = ours.transform
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 77, 101, generator=generator), torch.rand(3, 96, 64, generator=generator)]
+    targets = [{"boxes": torch.tensor([[3.5, 4.0, 40.2, 50.9], [50.0, 30.5, 99.0, 70.0]]),
+                "labels": torch.tensor([1, 3])}, {"boxes": torch.tensor([[8.0, 9.5, 60.0, 80.0]]),
+                                                  "labels": torch.tensor([2])}]
+    results = []
+    for model in (ours, reference):
+        torch.manual_seed(3)
+        results.append(model.train()(images, targets))
+    torch.testing.assert_close(results[0], results[1])
+    detections = [model.eval()(images) for model in (ours, reference)]
+    assert sum(len(d["boxes"]) for d in detections[0]) > 0
+    torch.testing.assert_close(detections[0], detections[1])
+
+
+def test_teacher_head_style_follows_its_weights(tmp_path):
+    # torchvision's COCO weights (91 category-id columns) were trained with torchvision's heads; others load with
+    # detectron2's.
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from rankkd.detection.heads import AlignedRoIPooler
+
+    torch.save(build_detector("demo_tiny", 91, **SMALL).state_dict(), tmp_path / "coco91.pth")
+    torch.save({"student": build_detector("demo_tiny", 81, **SMALL).state_dict()}, tmp_path / "trained.pth")
+    coco91 = load_detection_teacher("demo_tiny", tmp_path / "coco91.pth", 81, **SMALL)
+    trained = load_detection_teacher("demo_tiny", tmp_path / "trained.pth", 81, **SMALL)
+    assert isinstance(coco91.roi_heads.box_roi_pool, MultiScaleRoIAlign) and coco91.rpn.anchor_generator.rounded
+    assert isinstance(trained.roi_heads.box_roi_pool, AlignedRoIPooler) and not trained.rpn.anchor_generator.rounded

@@ -1,12 +1,13 @@
 """Logit distillation for Faster R-CNN, as mdistiller's detection/model/rcnn.py does it for DKD.
 
 The student runs its transform, backbone, RPN and the RoI heads' proposal sampling once; its box head classifies
-the sampled proposals. The frozen teacher runs its own backbone on the same normalised images and its own box head
-on the same sampled proposals, so both class-logit matrices are (sampled RoIs, classes incl. background) over the
-same boxes. rankkd.distill.distill_losses then takes them with the sampled proposals' labels: its "ce" term is the
-Fast R-CNN classification loss (torchvision's fastrcnn_loss is exactly F.cross_entropy(class_logits, labels)), its
-base term (KD / DKD / DIST) and ranking term are the distillation. The box regression and RPN losses are
-torchvision's own.
+the sampled proposals. The frozen teacher runs its own backbone on the same resized and padded images, normalised its
+own way (teacher_images: a detectron2 teacher reads BGR 0-255 minus its pixel mean, the student ImageNet-normalised
+RGB), and its own box head on the same sampled proposals, so both class-logit matrices are (sampled RoIs, classes
+incl. background) over the same boxes. rankkd.distill.distill_losses then takes them with the sampled proposals'
+labels: its "ce" term is the Fast R-CNN classification loss (the RoI heads' loss_classifier is exactly
+F.cross_entropy(class_logits, labels)), its base term (KD / DKD / DIST) and ranking term are the distillation. The
+box regression and RPN losses are the student's own (rankkd.detection.heads: L1 as detectron2's by default).
 
 Gradient flow: RPN proposals are detached inside torchvision, so the distillation terms reach the student's box
 head, box predictor and backbone (FPN included), never the RPN head; the teacher runs under no_grad in eval mode.
@@ -15,23 +16,43 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models.detection.roi_heads import fastrcnn_loss
 
 from rankkd.distill import DistillConfig, distill_losses
 
 
-def _transform_settings(transform):
-    return (type(transform), tuple(transform.image_mean), tuple(transform.image_std), transform.size_divisible,
-            getattr(transform, "resizes", True), transform.min_size, transform.max_size, transform.fixed_size)
+def _geometry(transform):
+    return (type(transform), transform.size_divisible, getattr(transform, "resizes", True), transform.min_size,
+            transform.max_size, transform.fixed_size)
 
 
-def _check_same_transform(student, teacher):
-    """The teacher reads the student's transformed images, which is only right when its own transform would have
-    produced the same tensor (same normalisation, padding and resizing), so that proposals mean the same pixels."""
-    if _transform_settings(student.transform) != _transform_settings(teacher.transform):
-        raise ValueError("the teacher's image transform differs from the student's (normalisation, padding or "
-                         f"resizing: {_transform_settings(teacher.transform)[1:]} vs "
-                         f"{_transform_settings(student.transform)[1:]}); build both with rankkd.detection.models")
+def _check_same_geometry(student, teacher):
+    """The teacher reads the student's resized and padded images (teacher_images), which is only right when its own
+    transform would have resized and padded them the same way, so that proposals mean the same pixels."""
+    if _geometry(student.transform) != _geometry(teacher.transform):
+        raise ValueError("the teacher's image transform resizes or pads differently from the student's "
+                         f"({_geometry(teacher.transform)[1:]} vs {_geometry(student.transform)[1:]}); build both "
+                         "with rankkd.detection.models")
+
+
+def teacher_images(student, teacher, image_list):
+    """The teacher's input for `image_list`, the student's transformed batch: the same resized and padded pixels in
+    the teacher's normalisation, (x - mean) / std with its own mean and std, and 0 on the padding, where the
+    teacher's transform pads (torchvision's, as detectron2's, pads after normalising)."""
+    source, target = student.transform, teacher.transform
+    if (source.image_mean, source.image_std) == (target.image_mean, target.image_std):
+        return image_list.tensors
+    tensors = image_list.tensors
+
+    def channels(values):
+        return torch.as_tensor(values, dtype=tensors.dtype, device=tensors.device)[:, None, None]
+
+    scale = channels(source.image_std) / channels(target.image_std)
+    shift = (channels(source.image_mean) - channels(target.image_mean)) / channels(target.image_std)
+    sizes = torch.as_tensor(image_list.image_sizes, device=tensors.device)  # (N, 2): height, width
+    rows = torch.arange(tensors.shape[-2], device=tensors.device) < sizes[:, :1]
+    columns = torch.arange(tensors.shape[-1], device=tensors.device) < sizes[:, 1:]
+    inside = rows[:, None, :, None] & columns[:, None, None, :]
+    return torch.where(inside, tensors * scale + shift, 0.0)
 
 
 def box_head_logits(detector, features, proposals, image_sizes):
@@ -43,9 +64,9 @@ def box_head_logits(detector, features, proposals, image_sizes):
 
 class DetectionDistiller(nn.Module):
     """A student detector, a frozen teacher detector (None for method "ce" without the ranking loss) and a
-    DistillConfig; both detectors are torchvision FasterRCNNs from rankkd.detection.models.build_detector.
+    DistillConfig; both detectors are Faster R-CNNs from rankkd.detection.models.build_detector.
 
-    forward(images, targets, epoch=0.0) in training mode -> (None, terms): torchvision's box regression, objectness
+    forward(images, targets, epoch=0.0) in training mode -> (None, terms): the student's box regression, objectness
     and RPN box losses ("box_reg", "objectness", "rpn_box_reg"), then distill_losses' terms ("ce" = the classification loss, weighted by
     config.ce_weight; "kd" / "dkd" / "dist"; "rank"), and "total", their sum; all 0-d tensors. After each step,
     last_logits holds (student class logits detached, teacher class logits or None, sampled labels) for logging,
@@ -62,7 +83,7 @@ class DetectionDistiller(nn.Module):
         self.student, self.teacher, self.config = student, teacher, config
         self.last_logits = None
         if teacher is not None:
-            _check_same_transform(student, teacher)
+            _check_same_geometry(student, teacher)
             teacher.requires_grad_(False)
             teacher.eval()
 
@@ -81,13 +102,12 @@ class DetectionDistiller(nn.Module):
         proposals, rpn_losses = student.rpn(image_list, features, targets)
         proposals, _, labels, regression_targets = student.roi_heads.select_training_samples(proposals, targets)
         class_logits, box_regression = box_head_logits(student, features, proposals, image_list.image_sizes)
-        # fastrcnn_loss also returns the classification loss; distill_losses' "ce" term is that loss.
-        _, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+        loss_box_reg = student.roi_heads.box_loss(box_regression, labels, regression_targets)
         labels = torch.cat(labels)
         teacher_logits = None
         if self.config.uses_teacher:
             with torch.no_grad():
-                teacher_features = self.teacher.backbone(image_list.tensors)
+                teacher_features = self.teacher.backbone(teacher_images(student, self.teacher, image_list))
                 teacher_logits, _ = box_head_logits(self.teacher, teacher_features, proposals,
                                                     image_list.image_sizes)
         distill = distill_losses(class_logits, teacher_logits, labels, self.config, epoch)

@@ -1,4 +1,4 @@
-"""Faster R-CNN FPN detectors (torchvision's), set up as detectron2's Base-RCNN-FPN where torchvision exposes it.
+"""Faster R-CNN FPN detectors (torchvision's parts), set up as detectron2's Base-RCNN-FPN.
 
 build_detector(backbone, num_classes) gives the students and teachers of the COCO benchmark: ResNet-18/50/101 and
 MobileNetV2 backbones with an FPN (p2-p6), plus two small demo backbones that train from scratch on a CPU.
@@ -10,9 +10,12 @@ positive, IoU 0.5; box head of 2 FC layers of 1024 on a 7x7 pooler; test score t
 detections per image. ResNets: frozen batch norm and the stem + res2 frozen (detectron2 FREEZE_AT 2). MobileNetV2 as
 mdistiller's detection/model/backbone/mobilenetv2.py: frozen batch norm, nothing else frozen (its FREEZE_AT 0), FPN
 on the last block of each stride (24, 32, 96 and 320 channels at strides 4-32; the final 1x1 conv unused).
-Known differences from detectron2: torchvision's RoIAlign is not "aligned" and samples 2 points per bin (detectron2:
-aligned, adaptive), and its ImageNet weights expect RGB input normalised by the ImageNet mean and std (detectron2's
-MSRA weights: BGR, mean only).
+The RPN and RoI heads (rankkd.detection.heads) keep every box in float32 under autocast and follow detectron2 by
+default (head_style "detectron2": exact anchors, ROIAlignV2, L1 box losses); head_style "torchvision" is what
+torchvision's COCO_V1 weights were trained with, and load_detection_teacher picks it for them. Known differences
+from detectron2 left: torchvision's ImageNet weights expect RGB input normalised by the ImageNet mean and std
+(detectron2's MSRA weights: BGR, mean only), and the box head keeps PyTorch's default initialisation (see
+rankkd.detection.heads).
 
 Resizing: the loaders of rankkd.detection.data resize every image (a seeded choice of the shorter side per sample),
 so by default the detector's transform only normalises and batches (min_size None). Give min_size / max_size for a
@@ -27,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from rankkd.detection import heads
 
 # torchvision's ImageNet weights expect RGB in [0, 1] normalised by these.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -156,17 +161,19 @@ def _backbone_with_fpn(backbone, weights, fpn_channels):
 def build_detector(backbone: str, num_classes: int, *, backbone_weights=None, min_size: int | None = None,
                    max_size: int | None = None, anchor_sizes=_DETECTRON2_ANCHORS, fpn_channels: int = 256,
                    box_head_dim: int = 1024, rois_per_image: int = 512, rpn_pre_nms_top_n_train: int = 2000,
-                   rpn_pre_nms_top_n_test: int = 1000, rpn_post_nms_top_n: int = 1000):
-    """A torchvision FasterRCNN with an FPN on `backbone` (one of BACKBONES) and `num_classes` class columns,
-    background included (81 for COCO).
+                   rpn_pre_nms_top_n_test: int = 1000, rpn_post_nms_top_n: int = 1000,
+                   head_style: str = "detectron2"):
+    """torchvision's Faster R-CNN (a GeneralizedRCNN) with an FPN on `backbone` (one of BACKBONES) and `num_classes`
+    class columns, background included (81 for COCO); its RPN and RoI heads are rankkd.detection.heads'.
 
     backbone_weights: ImageNet weights of the backbone, a torchvision classification state_dict file or a torchvision
     weights name (e.g. "ResNet50_Weights.IMAGENET1K_V1"); None = random init. min_size / max_size: see the module
-    docstring (None: the loader resizes). The remaining arguments default to detectron2's values (module docstring);
-    the demo shrinks them (smaller anchors for small images, narrower FPN and box head, fewer RoIs)."""
-    from torchvision.models.detection import FasterRCNN
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    docstring (None: the loader resizes). head_style: "detectron2" (anchors, pooler and box losses as detectron2's)
+    or "torchvision" (as torchvision's, for its COCO_V1 weights); see rankkd.detection.heads.
+    The remaining arguments default to detectron2's values (module docstring); the demo shrinks them (smaller anchors
+    for small images, narrower FPN and box head, fewer RoIs)."""
+    from torchvision.models.detection.faster_rcnn import TwoMLPHead
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
     if backbone not in BACKBONES:
         raise ValueError(f"unknown detection backbone {backbone!r}; backbones: {', '.join(BACKBONES)}")
@@ -174,23 +181,31 @@ def build_detector(backbone: str, num_classes: int, *, backbone_weights=None, mi
         raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
     if len(anchor_sizes) != 5:
         raise ValueError(f"anchor_sizes needs one size per FPN level p2-p6 (5), got {anchor_sizes}")
+    heads.check_head_style(head_style)
     fpn = _backbone_with_fpn(backbone, backbone_weights, fpn_channels)
-    anchors = AnchorGenerator(tuple((size,) for size in anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
-    box_head = TwoMLPHead(fpn_channels * 7 * 7, box_head_dim)
-    predictor = FastRCNNPredictor(box_head_dim, num_classes)
-    model = FasterRCNN(fpn, None, rpn_anchor_generator=anchors, box_head=box_head, box_predictor=predictor,
-                       rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
-                       rpn_post_nms_top_n_train=rpn_post_nms_top_n, rpn_post_nms_top_n_test=rpn_post_nms_top_n,
-                       box_batch_size_per_image=rois_per_image, box_positive_fraction=0.25, box_score_thresh=0.05,
-                       box_nms_thresh=0.5, box_detections_per_img=100)
-    model.transform = DetectionTransform(min_size, max_size)
-    return model
+    box_loss_beta = heads.BOX_LOSS_BETA[head_style]
+    # detectron2's RPN (and torchvision's defaults): IoU 0.7 / 0.3, 256 anchors per image at half positive, NMS 0.7.
+    anchors = heads.Float32AnchorGenerator(tuple((size,) for size in anchor_sizes), ((0.5, 1.0, 2.0),) * 5,
+                                           rounded=head_style == "torchvision")
+    rpn = heads.RegionProposalNetwork(
+        anchors, heads.RPNHead(fpn_channels, anchors.num_anchors_per_location()[0]), fg_iou_thresh=0.7,
+        bg_iou_thresh=0.3, batch_size_per_image=256, positive_fraction=0.5,
+        pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
+        post_nms_top_n={"training": rpn_post_nms_top_n, "testing": rpn_post_nms_top_n}, nms_thresh=0.7,
+        box_loss_beta=box_loss_beta)
+    # RoIs: IoU 0.5 for foreground, box-delta weights (10, 10, 5, 5) (torchvision's None), as detectron2's.
+    roi_heads = heads.RoIHeads(
+        heads.box_pooler(head_style), TwoMLPHead(fpn_channels * 7 * 7, box_head_dim),
+        heads.BoxPredictor(box_head_dim, num_classes), fg_iou_thresh=0.5, bg_iou_thresh=0.5,
+        batch_size_per_image=rois_per_image, positive_fraction=0.25, bbox_reg_weights=None, score_thresh=0.05,
+        nms_thresh=0.5, detections_per_img=100, box_loss_beta=box_loss_beta)
+    return GeneralizedRCNN(fpn, rpn, roi_heads, DetectionTransform(min_size, max_size))
 
 
-def _teacher_state(weights):
-    """The detector state_dict inside `weights`: a trainer checkpoint's "student", a plain state_dict file, or a
-    torchvision weights name; wrapper prefixes (DDP's "module.", torch.compile's "_orig_mod.") removed."""
-    state = _load_state_dict_source(weights, "teacher weights")
+def _teacher_state(state, weights):
+    """The detector state_dict inside `state`, what `weights` held: a trainer checkpoint's "student", a plain
+    state_dict file, or a torchvision weights name; wrapper prefixes (DDP's "module.", torch.compile's "_orig_mod.")
+    removed."""
     if isinstance(state, dict) and isinstance(state.get("student"), dict):
         state = state["student"]
     if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
@@ -201,12 +216,17 @@ def _teacher_state(weights):
     return state
 
 
+def _has_coco91_columns(state):
+    """Whether `state` is a torchvision COCO detector's: 91 class columns indexed by category id."""
+    weight = state.get("roi_heads.box_predictor.cls_score.weight")
+    return weight is not None and weight.shape[0] == 91
+
+
 def _coco91_to_contiguous(state, num_classes):
     """torchvision's COCO detectors index their 91 class columns by category id; keep the background and the 80
     used ids, in order, to get the 81 columns of the trainer's detectors (same logits, same boxes)."""
     rows = torch.tensor((0,) + COCO_CATEGORY_IDS)
-    weight = state.get("roi_heads.box_predictor.cls_score.weight")
-    if weight is None or weight.shape[0] != 91 or num_classes != len(rows):
+    if not _has_coco91_columns(state) or num_classes != len(rows):
         return state
     box_rows = (rows[:, None] * 4 + torch.arange(4)).reshape(-1)  # 4 box deltas per class
     state = dict(state)
@@ -222,10 +242,21 @@ def load_detection_teacher(backbone: str, weights, num_classes: int, **build_kwa
 
     weights: a checkpoint written by the trainer (a dict whose "student" is the detector state_dict), a detector
     state_dict file, or a torchvision weights name such as "FasterRCNN_ResNet50_FPN_Weights.COCO_V1" (resnet50
-    only: torchvision's COCO Faster R-CNN R50-FPN; its 91 category-id columns are cut to the 81 used ones). Weights
+    only: torchvision's COCO Faster R-CNN R50-FPN; its 91 category-id columns are cut to the 81 used ones, and it
+    gets head_style "torchvision", which it was trained with), or a detectron2 model-zoo checkpoint of Faster R-CNN
+    R50-FPN / R101-FPN (a .pkl, or a .pth that detectron2 wrote; rankkd.detection.detectron2 converts it). Weights
     of another architecture are refused with one ValueError line naming the file and the fix."""
+    from rankkd.detection import detectron2
+
+    pickled = detectron2.is_pickle_path(weights)
+    source = detectron2.read_pickle(weights) if pickled else _load_state_dict_source(weights, "teacher weights")
+    if pickled or detectron2.is_detectron2_checkpoint(source):
+        return detectron2.load_teacher(backbone, source, weights, num_classes, **build_kwargs)
+    state = _teacher_state(source, weights)
+    if _has_coco91_columns(state):
+        build_kwargs.setdefault("head_style", "torchvision")
     model = build_detector(backbone, num_classes, **build_kwargs)
-    state = _coco91_to_contiguous(_teacher_state(weights), num_classes)
+    state = _coco91_to_contiguous(state, num_classes)
     own = model.state_dict()
     missing = [key for key in own if key not in state]
     # Frozen batch norm has no num_batches_tracked, which a checkpoint of ordinary batch norm carries.

@@ -6,17 +6,21 @@ logits distilled as mdistiller's detection code does, the paper's third benchmar
     torchrun --nproc_per_node=8 train/coco.py --data /data/coco --pair r101_r18 \\
         --teacher-weights runs/coco-r101/best.pt --method dkd+rank --out runs/coco-r101-r18-dkd-rank
     python train/coco.py --data /data/coco --pair r101_r18 --student resnet101 --teacher none --method none \\
-        --out runs/coco-r101                       # a teacher: plain detection training
+        --out runs/coco-r101                       # a teacher: plain detection training (1x)
+    torchrun --nproc_per_node=8 train/coco.py --data /data/coco --recipe coco-teacher-3x --pair r101_r18 \\
+        --batch-size 1 --out runs/coco-r101-3x     # the pair's teacher on detectron2's 3x schedule
 
 An epoch here is --iters-per-epoch iterations (default 5000), after each of which the model is evaluated (COCO box
-AP) and checkpointed: detectron2's 180k-iteration schedule at batch 8 is 36 epochs, lr x0.1 at epochs 24 and 32,
-a linear warm-up over the first 0.2 epoch (1000 iterations).
+AP) and checkpointed: detectron2's 1x schedule at batch 8 (180k iterations) is 36 epochs, lr x0.1 at epochs 24 and
+32, its 3x (540k) 108 epochs, x0.1 at 84 and 100 (rankkd.recipes.COCO_SCHEDULES); a linear warm-up over the first
+0.2 epoch (1000 iterations).
 
 This module is the COCO task: its pairs and recipes, options, checks, data, detectors, training forward and
 evaluation. The run itself is rankkd.training.run's, shared with the other tasks.
 """
 import argparse
 import math
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,8 +28,8 @@ import torch
 
 from rankkd import models
 from rankkd.distill import DistillConfig
-from rankkd.recipes import COCO_PAIRS
-from rankkd.training.config import SHARED_OPTIONS, Option, split_method
+from rankkd.recipes import COCO_PAIRS, COCO_SCHEDULES
+from rankkd.training.config import Option, split_method
 from rankkd.training.data import LOADER_BACKENDS
 from rankkd.training.data.demo import default_cache_dir
 from rankkd.training.distributed import all_reduce_sum
@@ -38,18 +42,23 @@ from rankkd.training.task import Task
 
 RECIPES = {}
 # mdistiller's detection setup (detection/configs/DKD/*.yaml over detectron2's defaults), which the paper's COCO batch
-# of 8 comes from: SGD momentum 0.9, 8 images a step, lr 0.01, 180k iterations, x0.1 at 120k and 160k, warm-up 1000
-# iterations linear from 0.001 x lr, weight decay 1e-4; multi-scale training (shorter side 640-800, longer <= 1333),
-# flip, test at 800 / 1333. Students start from ImageNet weights of their backbone.
+# of 8 comes from: SGD momentum 0.9, 8 images a step, lr 0.01, 180k iterations (detectron2's 1x), x0.1 at 120k and
+# 160k, warm-up 1000 iterations linear from 0.001 x lr, weight decay 1e-4; multi-scale training (shorter side 640-800,
+# longer <= 1333), flip, test at 800 / 1333. Students start from ImageNet weights of their backbone.
 RECIPES["coco"] = dict(
     pair="r101_r18", teacher_weights=None, student_weights="imagenet", loss="coco-dkd-rank",
-    epochs=36, iters_per_epoch=5000, batch_size=8,
+    **COCO_SCHEDULES["1x"], batch_size=8,
     optimizer="sgd", lr=0.01, lr_reference_batch=8, momentum=0.9, nesterov=False,
     weight_decay=1e-4, decay_norm_and_bias=True,
-    schedule="step", milestones=(24, 32), lr_decay=0.1, lr_warmup_epochs=0.2, warmup_lr=1e-5, min_lr=0.0,
+    schedule="step", lr_decay=0.1, lr_warmup_epochs=0.2, warmup_lr=1e-5, min_lr=0.0,
     train_sizes=(640, 672, 704, 736, 768, 800), test_size=800, max_size=1333, hflip=True,
     compile_mode="default", log_every=20,
 )
+# A teacher trained as detectron2's model zoo trains the published ones: plain detection training of the pair's
+# teacher backbone (R-101 for r101_*, R-50 for r50_mv2) from its ImageNet weights, on the 3x schedule (540k iterations
+# at 8 images; the zoo's 270k at 16), the rest as above.
+RECIPES["coco-teacher-3x"] = {**RECIPES["coco"], **COCO_SCHEDULES["3x"], "loss": DistillConfig(method="ce")}
+TEACHER_RECIPES = ("coco-teacher-3x",)  # recipes that train the pair's teacher, with no teacher of their own
 # The embedded demo: 480 train / 120 val generated 128 px images of three shape classes in COCO format, a small
 # detector pair trained from scratch; teacher then student in a few minutes on a 2-core CPU.
 RECIPES["demo"] = {
@@ -82,8 +91,9 @@ OPTIONS = (
     _data("data", default="demo", group="run",
           help="a COCO 2017 root (train2017/, val2017/, annotations/instances_{train,val}2017.json), 'demo' (generated "
                "shapes in COCO format) or 'synthetic' (random device-resident images and boxes: times the step)"),
-    Option("recipe", "selection", group="run", choices=("coco", "demo"),
-           help="starting point for every setting below; default: demo for --data demo, else coco"),
+    Option("recipe", "selection", group="run", choices=("coco", "coco-teacher-3x", "demo"),
+           help="starting point for every setting below; default: demo for --data demo, else coco; "
+                "coco-teacher-3x trains the pair's teacher on detectron2's 3x schedule"),
     Option("pair", "model", group="run", choices=tuple(COCO_PAIRS),
            help="teacher -> student backbones (mdistiller's detection pairs; default r101_r18, the demo its own)"),
     Option("student_weights", "model", group="recipe",
@@ -115,19 +125,17 @@ class CocoTask(Task):
     description = __doc__.split("\n\n")[0]
     zoo = "coco"
     recipes = RECIPES
+    own_options = OPTIONS
+    methods = DETECTION_METHODS
+    methods_help = ("the logit distillation of the box head: kd, dkd (mdistiller's detection DKD) or none (plain "
+                    "detection training); +rank adds the ranking loss at gamma = alpha")
+    loss_recipe_prefixes = ("coco-",)
     primary_metric = "box_ap"
     summary_metrics = (("AP", "box_ap", "teacher_box_ap"), ("AP50", "box_ap50", "teacher_box_ap50"),
                        ("AP75", "box_ap75", "teacher_box_ap75"))
 
     def __init__(self):
         self._teacher_metrics = {}  # id(teacher) -> its box AP: the teacher is frozen, one evaluation is enough
-
-    @property
-    def options(self):
-        method = Option("method", "selection", group="loss", choices=DETECTION_METHODS,
-                        help="the logit distillation of the box head: kd, dkd (mdistiller's detection DKD) or none "
-                             "(plain detection training); +rank adds the ranking loss at gamma = alpha")
-        return OPTIONS + tuple(method if option.name == "method" else option for option in SHARED_OPTIONS)
 
     def recipe(self, args, name=None):
         name = name or args.recipe or ("demo" if args.data == "demo" else "coco")
@@ -136,6 +144,8 @@ class CocoTask(Task):
         if pair is not None:
             teacher, student = COCO_PAIRS[pair]
             recipe.update(pair=pair, teacher=teacher, student=student)
+            if name in TEACHER_RECIPES:
+                recipe.update(teacher=None, student=teacher)
         if args.method is not None and name == "coco":  # the method's published detection loss
             method, with_rank = split_method(args.method)
             recipe["loss"] = (DistillConfig(method="ce") if method == "ce"
@@ -151,7 +161,8 @@ class CocoTask(Task):
             raise ValueError(f"--data {data!r}: no such folder (give a COCO 2017 root, 'demo' or 'synthetic')")
         if values["teacher"] is not None and values["teacher_weights"] is None and data != "demo":
             raise ValueError("--teacher-weights is needed: a checkpoint this trainer wrote (train one with --method "
-                             "none), torchvision's FasterRCNN_ResNet50_FPN_Weights.COCO_V1 for resnet50, or 'random'")
+                             "none), a detectron2 model-zoo Faster R-CNN R50-FPN / R101-FPN (.pkl or .pth), "
+                             "torchvision's FasterRCNN_ResNet50_FPN_Weights.COCO_V1 for resnet50, or 'random'")
         if values["student_weights"] == "none":
             values["student_weights"] = None
 
@@ -171,6 +182,8 @@ class CocoTask(Task):
         if root == "demo":
             root = prepare_demo_coco(check_writable(default_cache_dir(), "the cache folder ($RANKKD_CACHE)"))
         dataset = check_coco(root)
+        if env.is_main and dataset.train.left_out:
+            print(dataset.train.left_out_note(), file=sys.stderr, flush=True)
         train, val = make_coco_loaders(
             dataset, batch_size=cfg.optim.batch_size, val_batch_size=cfg.optim.batch_size, rank=env.rank,
             world_size=env.world_size, device=env.device, seed=cfg.run.seed, num_workers=data.workers,
@@ -245,7 +258,7 @@ class IterationLoader:
 def roi_tau(student, teacher, loader, autocast, env):
     """Mean Kendall tau-b between the student's and the teacher's box-head class logits at the student's proposals
     on the validation images: how well the student ranks the classes as its teacher does, per RoI."""
-    from rankkd.detection.distill import box_head_logits
+    from rankkd.detection.distill import box_head_logits, teacher_images
 
     sums = torch.zeros(2, dtype=torch.float64, device=env.device)
     for images, _ in loader:
@@ -254,7 +267,7 @@ def roi_tau(student, teacher, loader, autocast, env):
             features = student.backbone(image_list.tensors)
             proposals, _ = student.rpn(image_list, features)
             student_logits, _ = box_head_logits(student, features, proposals, image_list.image_sizes)
-            teacher_features = teacher.backbone(image_list.tensors)
+            teacher_features = teacher.backbone(teacher_images(student, teacher, image_list))
             teacher_logits, _ = box_head_logits(teacher, teacher_features, proposals, image_list.image_sizes)
         tau = kendall_tau(student_logits.float(), teacher_logits.float())
         sums[0] += tau.nansum()
