@@ -13,7 +13,8 @@
 # what is left of it, and a step with under 10 s left is skipped and reported. A failing step is reported and the
 # rest still run; the exit status says whether all passed.
 # rank-cost (a second device call): the build, then the same three trainer runs with --rank-weight 0, so that the
-# ranking loss's share of the step is the difference of the two calls' train_img_s.
+# ranking loss's share of the step is the difference of the two calls' train_img_s; this call, with time to spare,
+# also runs bench/fused_linear_bench.py (the loss fused with an LM head against plain PyTorch, bf16).
 # grid (a device call of its own): the build, then train/cifar100_table.py on synthetic data, four ResNet32x4 ->
 # ResNet8x4 cells at once on the GPU (--parallel 4, 2 epochs of 300 steps): their summed epoch-2 images/s against the
 # single run's cifar_synthetic number says what running cells side by side gains.
@@ -88,6 +89,11 @@ if [ "$mode" = all ]; then
   # precision "exact" (full float32 math) against the "fast" default above, fp32, both GPU backends.
   step bench_exact 30 python bench/loss_bench.py --device cuda --dtype float32 --precision exact \
     --shapes 512x1000,64x4096 --backends cuda,triton --json "$out/loss_cuda_float32_exact.json"
+fi
+if [ "$mode" = rank-cost ]; then
+  # Six child processes (three shapes, fused and plain), each a few seconds of start-up for milliseconds of work.
+  step fused_linear_bench 90 python bench/fused_linear_bench.py --device cuda --dtype bfloat16 \
+    --json "$out/fused_linear_cuda_bfloat16.json"
 fi
 
 if [ "$mode" = grid ]; then
