@@ -233,7 +233,8 @@ def test_pth_and_caffe2_pickle_load_the_same_teacher(state, teacher, tmp_path):
 def test_pickles_of_every_protocol_and_numpy_version_are_read(tmp_path, protocol):
     generator = np.random.default_rng(protocol)
     contents = {"model": {"a": generator.standard_normal((3, 5, 2)).astype(np.float32),
-                          "b": np.arange(7, dtype=np.int64), "c": np.float32(2.5)}, "__author__": "Detectron2 Model Zoo"}
+                          "b": np.arange(7, dtype=np.int64), "c": np.float32(2.5)},
+                "__author__": "Detectron2 Model Zoo"}
     data = pickle.dumps(contents, protocol=protocol)
     if protocol == 2:  # as numpy 1 named its modules (the zoo's files); protocol 2 spells them out in the stream
         data = data.replace(b"numpy._core.", b"numpy.core.")

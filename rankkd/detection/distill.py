@@ -67,8 +67,9 @@ class DetectionDistiller(nn.Module):
     DistillConfig; both detectors are Faster R-CNNs from rankkd.detection.models.build_detector.
 
     forward(images, targets, epoch=0.0) in training mode -> (None, terms): the student's box regression, objectness
-    and RPN box losses ("box_reg", "objectness", "rpn_box_reg"), then distill_losses' terms ("ce" = the classification loss, weighted by
-    config.ce_weight; "kd" / "dkd" / "dist"; "rank"), and "total", their sum; all 0-d tensors. After each step,
+    and RPN box losses ("box_reg", "objectness", "rpn_box_reg"), then distill_losses' terms ("ce" = the
+    classification loss, weighted by config.ce_weight; "kd" / "dkd" / "dist"; "rank"), and "total", their sum; all
+    0-d tensors. After each step,
     last_logits holds (student class logits detached, teacher class logits or None, sampled labels) for logging,
     e.g. the student-teacher Kendall tau over RoIs. In eval mode forward(images) returns (student detections, {}).
     The teacher stays in eval mode through train() and never gets a gradient (requires_grad off, no_grad)."""
