@@ -146,6 +146,19 @@ def test_an_unreadable_config_json_is_never_adopted(data, tmp_path, monkeypatch,
         assert f"no run under runs/ has these settings (the newest like it: {first})" in capsys.readouterr().out
 
 
+def test_a_new_run_never_takes_an_existing_folder(data, tmp_path, monkeypatch):
+    # Runs named by the second they start: a second run in the same second gets a suffix, not the first one's folder.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda _format: "20261207-120000")
+    args = make_parser(TASK).parse_args(["--data", data, *TINY])
+    first = resolve_config(TASK, args, init_distributed("cpu")).run.out
+    Path(first).mkdir(parents=True)
+    second = resolve_config(TASK, args, init_distributed("cpu")).run.out
+    Path(second).mkdir()
+    third = resolve_config(TASK, args, init_distributed("cpu")).run.out
+    assert (second, third) == (f"{first}-2", f"{first}-3")
+
+
 def _overwrite_inside_the_weights(checkpoint):
     """2,000 bytes of the largest tensor in `checkpoint` overwritten; returns that tensor's zip member."""
     with zipfile.ZipFile(checkpoint) as archive:

@@ -14,6 +14,7 @@ resuming compares.
 """
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -326,9 +327,9 @@ def resolve_for_device(values, env):
 
 
 def run_folder_name(values, task, env):
-    """--out, or runs/<data>-<student>-<method>[-rank]-<date-time>. With --resume auto, the newest such folder whose
-    run has these experiment settings (a run with another seed or loss is another run, never adopted). Decided on
-    rank 0 and broadcast, so that every process agrees on one date-time."""
+    """--out, or runs/<data>-<student>-<method>[-rank]-<date-time>[-N] (-2, -3, ... where that folder exists). With
+    --resume auto, the newest such folder whose run has these experiment settings (a run with another seed or loss is
+    another run, never adopted). Decided on rank 0 and broadcast, so that every process agrees on one name."""
     if values["out"] is not None:
         return values["out"]
     data = values["data"]
@@ -340,7 +341,13 @@ def run_folder_name(values, task, env):
     same = [path.parent for path in earlier if _same_experiment(task, path, requested)]
     if same:
         return broadcast_object(str(same[-1]))
-    out = broadcast_object(f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}")
+    # A run started within the second of another (a refused folder, a quick rerun) gets a suffix: never its folder.
+    stamped = out = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for suffix in itertools.count(2):
+        if not Path(out).exists():
+            break
+        out = f"{stamped}-{suffix}"
+    out = broadcast_object(out)
     if earlier and env.is_main:
         print(f"no run under runs/ has these settings (the newest like it: {earlier[-1].parent}): starting a new run "
               f"in {out}")
