@@ -172,3 +172,32 @@ def test_bad_input_is_refused_before_anything_is_written(coco, cache, tmp_path, 
     error = capsys.readouterr().err
     assert stopped.value.code == 2 and message in error and "Traceback" not in error, error
     assert len(error.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_backbone_weights_are_resolved_before_anything_is_written(coco, cache, tmp_path, monkeypatch, capsys):
+    """--student-weights imagenet (the coco recipe's default) on a machine without network access: one line naming
+    the weights, where torch's cache wants them and how to pass them, before the run folder exists."""
+    import urllib.error
+
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    fetched = []
+
+    def offline(url, destination, *args, **kwargs):
+        fetched.append(url)
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    root = _coco_root(tmp_path, cache, None)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        coco("--data", str(root), "--teacher-weights", "random", *TINY[2:], "--out", str(out))
+    error = capsys.readouterr().err.strip()
+    entry = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    file_name = entry.url.rsplit("/", 1)[1]
+    assert stopped.value.code == 2 and len(error.splitlines()) == 1, error
+    assert f"cannot download torchvision weights {entry} from {entry.url}" in error
+    assert f"--student-weights /path/to/{file_name}" in error
+    assert str(tmp_path / "torch-home" / "hub" / "checkpoints" / file_name) in error
+    assert fetched == [entry.url] and not out.exists()

@@ -462,16 +462,18 @@ THREE = [(i, 40, 30, [{"bbox": [4, 5, 10, 8], "category_id": 2}]) for i in (1, 2
 
 
 def test_unreadable_training_images_are_left_out_with_a_note(tmp_path):
-    write_coco(tmp_path, train=THREE)
+    write_coco(tmp_path, train=[(i, 40, 30, [{"bbox": [4, 5, 10, 8], "category_id": 2}]) for i in (1, 2, 3, 4)])
     whole = _jpeg_bytes(40, 30)
-    truncated = _as_jpeg(tmp_path, "train2017", 1, whole[: len(whole) // 2])  # the cheap check finds it
+    truncated = _as_jpeg(tmp_path, "train2017", 1, whole[: len(whole) // 2])
+    # Damage that only decoding finds: before training, not at the batch that holds it in the middle of an epoch.
+    undecodable = _as_jpeg(tmp_path, "train2017", 4, _broken_huffman_table(whole))
     (tmp_path / "train2017" / "3.png").rename(tmp_path / "train2017" / "3.png.unreadable")  # the suggested fix
     dataset = check_coco(tmp_path)
     assert dataset.train.image_ids == [2]
     note = dataset.train.left_out_note()
-    assert note.startswith(f"train2017: trains without 2 unreadable image(s) of 3: {truncated} (truncated: the file "
+    assert note.startswith(f"train2017: trains without 3 unreadable image(s) of 4: {truncated} (truncated: the file "
                            "ends before its image data does")
-    assert note.endswith(f"; {tmp_path / 'train2017' / '3.png'} (renamed to 3.png.unreadable)")
+    assert f"; {tmp_path / 'train2017' / '3.png'} (renamed to 3.png.unreadable); {undecodable} (broken data " in note
 
 
 @pytest.mark.parametrize("damage", ["truncated", "undecodable", "renamed"])
@@ -496,7 +498,7 @@ def test_image_headers_are_cached_by_size_and_modification_time(tmp_path, monkey
     write_coco(tmp_path, train=THREE, val=THREE)
     read = []
     real_header = data._image_header
-    monkeypatch.setattr(data, "_image_header", lambda path, full: read.append(path.name) or real_header(path, full))
+    monkeypatch.setattr(data, "_image_header", lambda path: read.append(path.name) or real_header(path))
     first = check_coco(tmp_path)
     assert sorted(read) == ["1.png", "1.png", "2.png", "2.png", "3.png", "3.png"]
     read.clear()

@@ -255,22 +255,23 @@ def _check_annotation(annotation, path, images_by_id, category_ids):
 _EXCLUDED_SUFFIX = ".unreadable"
 
 
-def _image_header(path, full):
-    """(height, width) as the file's header states them, and why the file can't be read (None: it can).
-    full=False checks what is cheap (rankkd.training.data.folder.image_problem: the header's markers, a JPEG's
-    end-of-image marker, a PNG's chunks); full=True decodes the image, as the loaders will."""
+def _image_header(path):
+    """(height, width) as the file's header states them, and why the file can't be read (None: it can). The image is
+    decoded whole: damage inside a complete JPEG (a broken entropy-coded segment, a bad marker) is found only so, and
+    found here it leaves one training image out instead of stopping a run mid-epoch. PIL's decoder refuses more
+    damaged files than DALI's does, so what passes here decodes in the loaders too."""
     from PIL import Image
 
-    problem = image_problem(str(path), full=full)
+    problem = image_problem(str(path), full=True)
     if problem is not None:
         return None, problem
     with Image.open(path) as image:
         return (image.height, image.width), None
 
 
-def _read_headers(folder, names, *, full, cache_dir):
-    """_image_header of each of `names` in `folder`, read by threads, and cached in `cache_dir` by the files' size
-    and modification time: a second run reads none of the files again."""
+def _read_headers(folder, names, *, cache_dir):
+    """_image_header of each of `names` in `folder`, read by threads (PIL decodes without holding the GIL), and
+    cached in `cache_dir` by the files' size and modification time: a second run reads none of the files again."""
     cache_file = Path(cache_dir) / "coco-image-headers" / (
         hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:16] + ".json")
     try:
@@ -282,9 +283,9 @@ def _read_headers(folder, names, *, full, cache_dir):
         stat = os.stat(folder / name)
         stamp = [stat.st_size, stat.st_mtime_ns]
         entry = cached.get(name)
-        if not (isinstance(entry, dict) and entry.get("stamp") == stamp and (entry.get("decoded") or not full)):
-            size, problem = _image_header(folder / name, full)
-            entry = {"stamp": stamp, "size": size, "problem": problem, "decoded": full}
+        if not (isinstance(entry, dict) and entry.get("stamp") == stamp and entry.get("decoded")):
+            size, problem = _image_header(folder / name)
+            entry = {"stamp": stamp, "size": size, "problem": problem, "decoded": True}
         return name, entry
 
     with ThreadPoolExecutor(default_check_workers()) as pool:
@@ -309,9 +310,8 @@ def _write_cache(path, entries):
 
 def _check_image_files(root, split, folder, path, images_by_id, kept, *, training, cache_dir):
     """The ids of `kept` whose files are whole and of the size the annotation file states, and (file, reason) of
-    the training images left out: renamed to FILE.unreadable, or found unreadable by the cheap check. Validation
-    images are decoded whole instead, and any problem refuses the set: box AP over fewer images than the file lists
-    would not compare with anyone's."""
+    the training images left out: renamed to FILE.unreadable, or found unreadable. Any problem in a validation image
+    refuses the set instead: box AP over fewer images than the file lists would not compare with anyone's."""
     present = set(os.listdir(folder))
     readable, left_out = [], {}
     for image_id in kept:
@@ -325,8 +325,7 @@ def _check_image_files(root, split, folder, path, images_by_id, kept, *, trainin
                 name + _EXCLUDED_SUFFIX in present) else ""
             _refuse(f"image file {str(folder / name)!r} (image id {image_id} of {str(path)!r}) is missing{excluded}",
                     f"unzip {split}.zip (cocodataset.org) into {str(root)!r} again")
-    headers = _read_headers(folder, [images_by_id[i]["file_name"] for i in readable], full=not training,
-                            cache_dir=cache_dir)
+    headers = _read_headers(folder, [images_by_id[i]["file_name"] for i in readable], cache_dir=cache_dir)
     whole = []
     for image_id in readable:
         image = images_by_id[image_id]

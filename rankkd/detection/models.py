@@ -32,6 +32,7 @@ from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from rankkd.detection import heads
+from rankkd.models.weights import fetch_torchvision_weights, torchvision_state_dict
 
 # torchvision's ImageNet weights expect RGB in [0, 1] normalised by these.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -70,21 +71,35 @@ class DetectionTransform(GeneralizedRCNNTransform):
         return super().resize(image, target)
 
 
-def _load_state_dict_source(weights, what):
-    """A state_dict from a file path or a torchvision weights name ("ResNet18_Weights.IMAGENET1K_V1")."""
-    if isinstance(weights, (str, os.PathLike)) and Path(weights).expanduser().is_file():
-        from rankkd._torchfile import load_torch_file
-
-        return load_torch_file(Path(weights).expanduser(), what)
+def _torchvision_entry(weights, what):
     from torchvision.models import get_weight
 
     try:
-        enum = get_weight(str(weights))
+        return get_weight(str(weights))
     except (ValueError, KeyError, AttributeError) as error:
         raise ValueError(f"{what} {str(weights)!r} is neither a file nor a torchvision weights name "
                          f"(e.g. ResNet50_Weights.IMAGENET1K_V1): {error}") from None
-    # Downloads only when torchvision's cache lacks the file; machines without internet need it cached.
-    return enum.get_state_dict(progress=False)
+
+
+def _is_file(weights):
+    return isinstance(weights, (str, os.PathLike)) and Path(weights).expanduser().is_file()
+
+
+def fetch_weights(weights, what, option):
+    """Resolve weights before training: a file as it is; a torchvision weights name found in torch's cache or
+    downloaded into it, or a one-line refusal saying how to get it onto a machine without network access and pass it
+    with `option`."""
+    if not _is_file(weights):
+        fetch_torchvision_weights(_torchvision_entry(weights, what), option)
+
+
+def _load_state_dict_source(weights, what, option):
+    """A state_dict from a file path or a torchvision weights name ("ResNet18_Weights.IMAGENET1K_V1")."""
+    if _is_file(weights):
+        from rankkd._torchfile import load_torch_file
+
+        return load_torch_file(Path(weights).expanduser(), what)
+    return torchvision_state_dict(_torchvision_entry(weights, what), option)
 
 
 def _resnet_body(name, weights):
@@ -93,7 +108,7 @@ def _resnet_body(name, weights):
 
     body = getattr(torchvision.models, name)(weights=None, norm_layer=FrozenBatchNorm2d)
     if weights is not None:
-        state = _load_state_dict_source(weights, "backbone weights")
+        state = _load_state_dict_source(weights, "backbone weights", "--student-weights")
         missing, unexpected = body.load_state_dict(state, strict=False)
         unexpected = [key for key in unexpected if not key.startswith("fc.")]
         if missing or unexpected:
@@ -113,7 +128,7 @@ def _mobilenet_v2_body(weights):
 
     model = torchvision.models.mobilenet_v2(weights=None, norm_layer=FrozenBatchNorm2d)
     if weights is not None:
-        state = _load_state_dict_source(weights, "backbone weights")
+        state = _load_state_dict_source(weights, "backbone weights", "--student-weights")
         try:
             model.load_state_dict(state)
         except RuntimeError as error:
@@ -249,7 +264,8 @@ def load_detection_teacher(backbone: str, weights, num_classes: int, **build_kwa
     from rankkd.detection import detectron2
 
     pickled = detectron2.is_pickle_path(weights)
-    source = detectron2.read_pickle(weights) if pickled else _load_state_dict_source(weights, "teacher weights")
+    source = (detectron2.read_pickle(weights) if pickled
+              else _load_state_dict_source(weights, "teacher weights", "--teacher-weights"))
     if pickled or detectron2.is_detectron2_checkpoint(source):
         return detectron2.load_teacher(backbone, source, weights, num_classes, **build_kwargs)
     state = _teacher_state(source, weights)

@@ -2,7 +2,7 @@
 detectron2's settings, or for the demo's backbones the small settings sized for 128 px images on a CPU. Imported only
 when a detection task asks for it (it needs torchvision)."""
 from rankkd.detection.demo import DEMO_DETECTOR
-from rankkd.detection.models import BACKBONES, build_detector, load_detection_teacher
+from rankkd.detection.models import BACKBONES, build_detector, fetch_weights, load_detection_teacher
 
 DEMO_BACKBONES = ("demo_small", "demo_tiny")
 # "imagenet" as student weights: torchvision's ImageNet classification weights of the backbone.
@@ -19,14 +19,29 @@ def check_model(name):
         raise ValueError(f"unknown detection backbone {name!r}; backbones: {', '.join(BACKBONES)}")
 
 
-def build_model(name, num_classes, backbone_weights=None):
-    """A detector on backbone `name`; backbone_weights: None (random), "imagenet", a file or a torchvision name."""
-    check_model(name)
+def _backbone_weights(name, backbone_weights):
     if backbone_weights == "imagenet":
         if name not in IMAGENET_WEIGHTS:
             raise ValueError(f"--student-weights imagenet: the demo backbone {name!r} trains from scratch (give none)")
-        backbone_weights = IMAGENET_WEIGHTS[name]
-    return build_detector(name, num_classes, backbone_weights=backbone_weights, **detector_settings(name))
+        return IMAGENET_WEIGHTS[name]
+    return backbone_weights
+
+
+def fetch_model_weights(student, student_weights, teacher, teacher_weights):
+    """Make sure the weights the student's backbone and the teacher start from are on this machine before training
+    starts (rankkd.detection.models.fetch_weights); checkpoint files are read when the models are built."""
+    if student is not None and student_weights is not None:
+        check_model(student)
+        fetch_weights(_backbone_weights(student, student_weights), "backbone weights", "--student-weights")
+    if teacher is not None and teacher_weights not in (None, "random"):
+        fetch_weights(teacher_weights, "teacher weights", "--teacher-weights")
+
+
+def build_model(name, num_classes, backbone_weights=None):
+    """A detector on backbone `name`; backbone_weights: None (random), "imagenet", a file or a torchvision name."""
+    check_model(name)
+    return build_detector(name, num_classes, backbone_weights=_backbone_weights(name, backbone_weights),
+                          **detector_settings(name))
 
 
 def load_teacher(name, weights, num_classes):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from rankkd.models.mobilenet_v1 import mobilenet_v1
-from rankkd.models.weights import classifier_of, read_checkpoint_weights
+from rankkd.models.weights import classifier_of, fetch_torchvision_weights, read_checkpoint_weights
 
 HAS_TIMM = importlib.util.find_spec("timm") is not None
 
@@ -140,30 +140,14 @@ def load_teacher(name, weights, num_classes):
         if weight_classes != num_classes:
             raise ValueError(f"torchvision weights {name}/{entry.name} have {weight_classes} classes but the data "
                              f"has {num_classes}")
-        import http.client
-        import urllib.error
-        import urllib.parse
-
         import torchvision
 
-        file_name = os.path.basename(urllib.parse.urlparse(entry.url).path)
-        cached = os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
-        had_copy = os.path.exists(cached)
+        cached = fetch_torchvision_weights(entry, "--teacher-weights")
         try:
             model = torchvision.models.get_model(name, weights=entry)
-        except Exception as error:  # noqa: BLE001  (sorted out below)
-            if had_copy:  # torch.hub reuses a file it downloaded before without checking it
-                raise ValueError(f"torchvision weights {entry}: the copy downloaded before, {cached}, can't be read "
-                                 f"({type(error).__name__}); delete it to download it again") from None
-            # torch.hub downloads into a temporary file, so a failed download leaves no partial copy behind; a bad
-            # hash (RuntimeError) is a transfer that went wrong.
-            if not isinstance(error, (OSError, http.client.HTTPException, RuntimeError)):
-                raise
-            cause = error.reason if type(error) is urllib.error.URLError else error
-            cause = str(cause).strip().split("\n")[0]
-            raise ValueError(f"cannot download torchvision weights {entry} from {entry.url}: {cause}. Download the "
-                             f"file where there is network access, then pass it with --teacher-weights "
-                             f"/path/to/{file_name} (or put it at {cached})") from None
+        except Exception as error:  # noqa: BLE001  torch.hub reuses a file it downloaded before without checking it
+            raise ValueError(f"torchvision weights {entry}: the copy downloaded before, {cached}, can't be read "
+                             f"({type(error).__name__}); delete it to download it again") from None
     elif _is_timm_arch(name) and weights == "pretrained":
         import timm
 

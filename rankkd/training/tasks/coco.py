@@ -165,6 +165,8 @@ class CocoTask(Task):
                              "torchvision's FasterRCNN_ResNet50_FPN_Weights.COCO_V1 for resnet50, or 'random'")
         if values["student_weights"] == "none":
             values["student_weights"] = None
+        models.zoo(self.zoo).fetch_model_weights(values["student"], values["student_weights"], values["teacher"],
+                                                 values["teacher_weights"])
 
     def make_data(self, cfg, env):
         from rankkd.detection.data import SyntheticDetectionLoader, check_coco, make_coco_loaders
