@@ -33,8 +33,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rankkd.training.data import make_loaders  # noqa: E402
-from rankkd.training.data.dali import dali_available  # noqa: E402
+from rankkd.data import make_loaders  # noqa: E402
+from rankkd.data.dali import dali_available  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GENERATED_CLASSES = 8
@@ -98,7 +98,8 @@ def generate_coco(root: Path, num_train: int, seed: int = 0) -> Path:
 def make_bench_loaders(root: Path, backend: str, args, device: torch.device):
     """(train, val) loaders of the task over `root`."""
     if args.task == "coco":
-        from rankkd.detection.data import check_coco, make_coco_loaders
+        from rankkd.data.coco import check_coco
+        from rankkd.data.coco_loaders import make_coco_loaders
 
         return make_coco_loaders(check_coco(root), batch_size=args.batch, val_batch_size=args.batch, rank=0,
                                  world_size=1, device=device, seed=0, num_workers=args.threads, backend=backend)

@@ -20,8 +20,8 @@ from conftest import lock_is_free, write_cifar100
 from rankkd.models import build_model
 from rankkd.recipes import CIFAR100_PUBLISHED_TOP1
 from rankkd.training.config import flat_settings
-from rankkd.training.grid import report, scheduler
-from rankkd.training.grid.cells import Cell
+from rankkd.grid import report, scheduler
+from rankkd.grid.cells import Cell
 
 REPO = Path(__file__).resolve().parents[1]
 RUNNER = REPO / "train" / "cifar100_table.py"
@@ -389,9 +389,9 @@ def test_slots_follow_the_visible_gpus_and_runs_leave_the_launchers_variables(mo
 def test_a_cell_whose_files_cannot_be_read_fails_alone(tmp_path):
     # A metrics.jsonl damaged in the middle (not just a cut-short last line) fails its cell with a reason; the runner
     # goes on, and the table leaves the cell out instead of stopping.
-    from rankkd.training.grid.cells import Cell
-    from rankkd.training.grid.report import finished_cells
-    from rankkd.training.grid.scheduler import Placement, Runner, RunningCell
+    from rankkd.grid.cells import Cell
+    from rankkd.grid.report import finished_cells
+    from rankkd.grid.scheduler import Placement, Runner, RunningCell
     from rankkd.training.run_folder import RunLock
 
     broken, cut_short = Cell("res56_res20", "kd", 0), Cell("res56_res20", "kd", 1)

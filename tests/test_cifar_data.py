@@ -1,4 +1,4 @@
-"""rankkd.training.data.cifar: reading the CIFAR-100 pickles, and the device-resident loaders (run here on CPU
+"""rankkd.data.cifar: reading the CIFAR-100 pickles, and the device-resident loaders (run here on CPU
 tensors), checked against a slow per-sample reference of mdistiller's transform."""
 import dataclasses
 import io
@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from numpy._core.multiarray import _reconstruct
 
-from rankkd.training.data import cifar
-from rankkd.training.data.cifar import CifarDataError, ImageArrays, load_cifar100, make_device_loaders
+from rankkd.data import cifar
+from rankkd.data.cifar import CifarDataError, ImageArrays, load_cifar100, make_device_loaders
 
 NUM_TRAIN, NUM_VAL = 300, 100
 FINE_NAMES = [f"class_{label:02d}" for label in range(100)]
@@ -389,8 +389,8 @@ def test_synthetic_arrays():
 def test_demo_arrays_are_the_demo_tree(tmp_path):
     from PIL import Image
 
-    from rankkd.training.data import prepare_demo
-    from rankkd.training.data.folder import list_image_folder
+    from rankkd.data import prepare_demo
+    from rankkd.data.folder import list_image_folder
 
     arrays = cifar.demo_arrays(tmp_path)
     assert arrays.train_images.shape == (1437, 3, 32, 32) and arrays.val_images.shape == (360, 3, 32, 32)

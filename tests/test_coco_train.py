@@ -14,10 +14,10 @@ from conftest import DATA_BACKENDS
 
 pytest.importorskip("pycocotools", reason="the COCO task evaluates with pycocotools (pip install pycocotools)")
 
-from rankkd.detection.demo import prepare_demo_coco  # noqa: E402
+from rankkd.data.coco_demo import prepare_demo_coco  # noqa: E402
 from rankkd.training.config import flat_settings  # noqa: E402
 from rankkd.training.run import main  # noqa: E402
-from rankkd.training.tasks.coco import TASK, IterationLoader  # noqa: E402
+from rankkd.tasks.coco import TASK, IterationLoader  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # Untrained demo detectors, 4 images a step, 3 steps an epoch: seconds per run.
@@ -160,9 +160,9 @@ def test_bad_input_is_refused_before_anything_is_written(coco, cache, tmp_path, 
     args = ["--data", str(root), "--pair", "demo", "--student-weights", "none", *TINY[2:]]
     if damage.startswith("teacher"):
         other = tmp_path / "other.pt"
-        from rankkd import models
+        from rankkd.detection import zoo
 
-        torch.save({"student": models.build_model("demo_tiny", 4, "coco").state_dict()}, other)
+        torch.save({"student": zoo.build_model("demo_tiny", 4).state_dict()}, other)
         args += ["--teacher-weights", str(other)]
     else:
         args += ["--teacher-weights", "random"]

@@ -8,9 +8,9 @@ import torch
 
 from rankkd.training.config import (RunConfig, changed_settings, flat_settings, make_parser, record, resolve_config,
                                     settings_of_values)
-from rankkd.training.distributed import DistEnv
-from rankkd.training.tasks.cifar100 import TASK as CIFAR
-from rankkd.training.tasks.imagenet import TASK as IMAGENET
+from rankkd.distributed import DistEnv
+from rankkd.tasks.cifar100 import TASK as CIFAR
+from rankkd.tasks.imagenet import TASK as IMAGENET
 
 CPU = DistEnv(0, 0, 1, torch.device("cpu"))
 
@@ -110,7 +110,7 @@ def test_command_line_errors_are_one_line(capsys, argv, problem):
 
 def test_each_trainers_help_offers_its_own_methods_and_loss_recipes(capsys, monkeypatch):
     from rankkd.recipes import LOSS_RECIPES
-    from rankkd.training.tasks.coco import TASK as COCO
+    from rankkd.tasks.coco import TASK as COCO
 
     monkeypatch.setenv("COLUMNS", "100000")  # --help unwrapped: argparse wraps lines at hyphens too
     offered = {}

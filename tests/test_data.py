@@ -1,4 +1,4 @@
-"""rankkd.training.data on real DALI CPU pipelines (and the torchvision fallback) over small generated JPEG trees.
+"""rankkd.data on real DALI CPU pipelines (and the torchvision fallback) over small generated JPEG trees.
 
 Every generated image carries its identity in its colour: red encodes the class, green a per-split file id, blue is
 noise (texture, so that augmentation shows). Red and green survive JPEG, crops and resizing as the image mean, so a
@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-import rankkd.training.data as data
+import rankkd.data as data
 from conftest import DATA_BACKENDS, needs_dali
-from rankkd.training.data import demo
-from rankkd.training.data.normalization import IMAGENET_MEAN, IMAGENET_STD
+from rankkd.data import demo
+from rankkd.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 CLASSES = ["cat", "dog", "eel"]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 6, 5
@@ -247,7 +247,7 @@ def test_auto_backend_falls_back_to_torchvision_without_dali(tree, monkeypatch):
 
 
 def test_importing_rankkd_data_does_not_import_dali():
-    check = "import sys, rankkd.training.data; assert 'nvidia.dali' not in sys.modules"
+    check = "import sys, rankkd.data; assert 'nvidia.dali' not in sys.modules"
     subprocess.run([sys.executable, "-c", check], check=True)
 
 

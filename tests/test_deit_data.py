@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 from test_data import CLASSES, _pixel_means, _write_tree
 
-import rankkd.training.data as data
+import rankkd.data as data
 from conftest import DATA_BACKENDS, needs_dali
-from rankkd.training.data.mixing import make_batch_mixer
-from rankkd.training.data.sharding import train_batches_per_rank, train_epoch_indices
+from rankkd.data.mixing import make_batch_mixer
+from rankkd.data.sharding import train_batches_per_rank, train_epoch_indices
 
 
 

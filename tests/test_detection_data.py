@@ -1,4 +1,4 @@
-"""COCO data (rankkd.detection.data) and the demo set (rankkd.detection.demo): checks, labels, loaders, sharding."""
+"""COCO data (rankkd.data.coco) and the demo set (rankkd.data.coco_demo): checks, labels, loaders, sharding."""
 import importlib.util
 import json
 import math
@@ -12,9 +12,10 @@ from conftest import needs_dali
 pytest.importorskip("torchvision")
 pytest.importorskip("PIL")
 
-from rankkd.detection.data import (CocoTrainLoader, CocoValLoader, SyntheticDetectionLoader,  # noqa: E402
-                                   _CocoImages, check_coco, flip_boxes, resized_shape)
-from rankkd.detection.demo import DEMO_CATEGORIES, DEMO_IMAGE_SIZE, prepare_demo_coco  # noqa: E402
+from rankkd.data.coco import check_coco, flip_boxes, resized_shape  # noqa: E402
+from rankkd.data.coco_loaders import (CocoTrainLoader, CocoValLoader, SyntheticDetectionLoader,  # noqa: E402
+                                      _CocoImages)
+from rankkd.data.coco_demo import DEMO_CATEGORIES, DEMO_IMAGE_SIZE, prepare_demo_coco  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -242,7 +243,7 @@ def varied_coco(root):
 
 
 def coco_loaders(dataset, backend, **overrides):
-    from rankkd.detection.data import make_coco_loaders
+    from rankkd.data.coco_loaders import make_coco_loaders
 
     kwargs = dict(batch_size=3, val_batch_size=4, rank=0, world_size=1, device=CPU, seed=5, num_workers=1,
                   train_sizes=(24, 40, 56), test_size=40, max_size=80) | overrides
@@ -321,7 +322,7 @@ def test_dali_shards_train_and_val_across_ranks(tmp_path):
 
 @needs_dali
 def test_dali_names_an_image_that_does_not_decode(tmp_path):
-    from rankkd.training.data import BadImageError
+    from rankkd.data import BadImageError
 
     dataset = varied_coco(tmp_path)
     train, _ = coco_loaders(dataset, "dali")
@@ -493,7 +494,7 @@ def test_unreadable_validation_images_stop_before_training(tmp_path, damage):
 
 
 def test_image_headers_are_cached_by_size_and_modification_time(tmp_path, monkeypatch):
-    from rankkd.detection import data
+    from rankkd.data import coco as data
 
     write_coco(tmp_path, train=THREE, val=THREE)
     read = []

@@ -8,8 +8,8 @@ from torchvision.ops import FrozenBatchNorm2d  # noqa: E402
 
 from rankkd.recipes import COCO_PAIRS as PAIRS  # noqa: E402
 from rankkd.recipes import COCO_PUBLISHED_BOX_AP as PUBLISHED_BOX_AP  # noqa: E402
-from rankkd.detection.models import (BACKBONES, COCO_CATEGORY_IDS,  # noqa: E402
-                                     build_detector, load_detection_teacher)
+from rankkd.detection.models import BACKBONES, COCO_CATEGORY_IDS, build_detector  # noqa: E402
+from rankkd.detection.teachers import load_detection_teacher  # noqa: E402
 
 SMALL = dict(anchor_sizes=(8, 16, 32, 64, 128), fpn_channels=16, box_head_dim=32, rois_per_image=32)
 
@@ -81,8 +81,8 @@ def test_pairs_and_published_numbers():
 
 def test_teacher_recipe_trains_the_pairs_teacher_on_the_3x_schedule():
     from rankkd.training.config import make_parser, resolve_config
-    from rankkd.training.distributed import DistEnv
-    from rankkd.training.tasks.coco import TASK
+    from rankkd.distributed import DistEnv
+    from rankkd.tasks.coco import TASK
 
     def resolve(*argv):
         args = make_parser(TASK).parse_args([*argv, "--data", "synthetic", "--out", "unused"])
@@ -149,7 +149,7 @@ def test_model_side_resizing_only_when_asked():
 
 
 def test_demo_detector_trains_a_step():
-    from rankkd.detection.demo import DEMO_DETECTOR
+    from rankkd.detection.zoo import DEMO_DETECTOR
 
     torch.manual_seed(0)
     model = build_detector("demo_tiny", 4, **DEMO_DETECTOR).train()

@@ -15,7 +15,8 @@ pytest.importorskip("torchvision")
 
 from rankkd.detection import detectron2  # noqa: E402
 from rankkd.detection.distill import teacher_images  # noqa: E402
-from rankkd.detection.models import build_detector, load_detection_teacher  # noqa: E402
+from rankkd.detection.models import build_detector  # noqa: E402
+from rankkd.detection.teachers import load_detection_teacher  # noqa: E402
 
 # ResNet-50: (stage, blocks, bottleneck channels, output channels) of res2-res5.
 STAGES = ((2, 3, 64, 256), (3, 4, 128, 512), (4, 6, 256, 1024), (5, 3, 512, 2048))

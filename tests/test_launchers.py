@@ -22,7 +22,7 @@ from conftest import lock_is_free
 pytest.importorskip("submitit", reason="the launchers need submitit (pip install submitit)")
 from submitit.core.utils import DelayedSubmission  # noqa: E402
 
-from rankkd.training.grid.cells import Cell  # noqa: E402
+from rankkd.grid.cells import Cell  # noqa: E402
 from rankkd.training.run_folder import RunLock  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,9 +18,9 @@ from conftest import write_cifar100
 from rankkd.training import loop
 from rankkd.training.checkpoint import load_checkpoint
 from rankkd.training.config import make_parser, resolve_config
-from rankkd.training.distributed import init_distributed
+from rankkd.distributed import init_distributed
 from rankkd.training.run import main
-from rankkd.training.tasks.cifar100 import TASK
+from rankkd.tasks.cifar100 import TASK
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--teacher", "resnet8", "--teacher-weights", "random", "--student", "resnet8", "--batch-size", "64",

@@ -168,7 +168,7 @@ def test_check_writable_refuses_a_read_only_folder(tmp_path, monkeypatch):
 WRITE_ON_MAIN = """
 import errno, sys
 from pathlib import Path
-from rankkd.training.distributed import cleanup_distributed, init_distributed
+from rankkd.distributed import cleanup_distributed, init_distributed
 from rankkd.training.run_folder import DiskFullError, write_on_main
 
 env = init_distributed("cpu")

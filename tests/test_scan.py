@@ -1,5 +1,5 @@
-"""Unreadable images: found in parallel before training (rankkd.training.data.folder), and by
-`python -m rankkd.training.data.scan`."""
+"""Unreadable images: found in parallel before training (rankkd.data.folder), and by
+`python -m rankkd.data.scan`."""
 import io
 import os
 import re
@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rankkd.training.data import folder, scan
+from rankkd.data import folder, scan
 
 REPO = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Unreadable images: found in parallel before training, and by `python -m rankkd.training.data.scan`.
+# Unreadable images: found in parallel before training, and by `python -m rankkd.data.scan`.
 
 
 def _image_bytes(rng, file_format):
@@ -79,7 +79,7 @@ def test_check_images_names_the_files_and_the_way_out(image_tree):
     val_broken = sorted(path for path in broken if "/val/" in path)
     assert message.startswith("2 unreadable image file(s) in the validation set: ")
     assert all(path in message for path in val_broken) and refused.value.path == val_broken[0]
-    assert "mv FILE FILE.unreadable" in message and f"python -m rankkd.training.data.scan {root / 'val'}" in message
+    assert "mv FILE FILE.unreadable" in message and f"python -m rankkd.data.scan {root / 'val'}" in message
     folder.check_images([path for path in val if path not in broken], what="the validation set")  # no error
 
 
@@ -119,7 +119,7 @@ def test_scan_command_refuses_bad_arguments(tmp_path, capsys):
 
 def test_scan_runs_as_a_module(image_tree):
     root, broken = image_tree
-    done = subprocess.run([sys.executable, "-m", "rankkd.training.data.scan", str(root / "val")], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "rankkd.data.scan", str(root / "val")], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     assert sorted(line.split("\t")[0] for line in done.stdout.splitlines()) == sorted(

@@ -15,16 +15,16 @@ import pytest
 import torch
 
 from rankkd import models
-from rankkd.training.data import prepare_demo
+from rankkd.data import prepare_demo
 from rankkd.distill import DistillConfig, Distiller
-from rankkd.training.data import synthetic_loader
+from rankkd.data import synthetic_loader
 from rankkd.training.checkpoint import save_checkpoint
 from rankkd.training.config import flat_settings, make_parser, resolve_config
-from rankkd.training.distributed import DistEnv
+from rankkd.distributed import DistEnv
 from rankkd.training.loop import train_epoch
 from rankkd.training.optim import learning_rate
 from rankkd.training.run import main
-from rankkd.training.tasks.imagenet import TASK
+from rankkd.tasks.imagenet import TASK
 from rankkd.training.teacher_cache import teacher_cache_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def test_two_process_torchrun_keeps_ranks_identical(cache, tmp_path):
     wrapper.write_text(
         "import os, sys, torch\n"
         "from rankkd.training.run import main\n"
-        "from rankkd.training.tasks.imagenet import TASK\n"
+        "from rankkd.tasks.imagenet import TASK\n"
         "summary = main(TASK, sys.argv[3:])\n"
         "torch.save(summary['student'].state_dict(), os.path.join(sys.argv[2], f\"rank{os.environ['RANK']}.pt\"))\n")
     out = tmp_path / "run"

@@ -39,11 +39,11 @@ import torch  # noqa: E402
 from rankkd.distill import DistillConfig  # noqa: E402
 from rankkd.recipes import CIFAR100_PAIRS  # noqa: E402
 from rankkd.training.config import OneLineParser  # noqa: E402
-from rankkd.training.grid import launchers  # noqa: E402
-from rankkd.training.grid.cells import (BASE_METHODS, DEFAULT_METHODS, DEMO_PAIRS, check_grid, read_json,  # noqa: E402
+from rankkd.grid import launchers  # noqa: E402
+from rankkd.grid.cells import (BASE_METHODS, DEFAULT_METHODS, DEMO_PAIRS, check_grid, read_json,  # noqa: E402
                                         check_grid_record, check_trainer_args, grid_cells, trainer_argv)
-from rankkd.training.grid.report import write_table  # noqa: E402
-from rankkd.training.grid.scheduler import CELLS_PER_GPU, Runner, find_slots, is_done, progress_line  # noqa: E402
+from rankkd.grid.report import write_table  # noqa: E402
+from rankkd.grid.scheduler import CELLS_PER_GPU, Runner, find_slots, is_done, progress_line  # noqa: E402
 from rankkd.training.run_folder import check_writable  # noqa: E402
 
 TRAINER = Path(__file__).resolve().parent / "cifar100.py"

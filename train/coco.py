@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=8 train/coco.py --data /data/coco --pair r101_r18 --teacher-weights TEACHER.pt
 
 `python train/coco.py --help` lists every option. The task (pairs, recipes, data, detectors, evaluation) is
-rankkd/training/tasks/coco.py; the run skeleton every task shares is rankkd/training/run.py.
+rankkd/tasks/coco.py; the run skeleton every task shares is rankkd/training/run.py.
 """
 import sys
 from pathlib import Path
@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without installing rankkd
 
 from rankkd.training.run import main  # noqa: E402
-from rankkd.training.tasks.coco import TASK  # noqa: E402
+from rankkd.tasks.coco import TASK  # noqa: E402
 
 if __name__ == "__main__":
     main(TASK)

@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rankkd.detection.models import build_detector
+
 # The teacher backbones a zoo checkpoint loads into, and how many blocks res4 has in each (ResNet-50: 6, 101: 23).
 RESNET_RES4_BLOCKS = {"resnet50": 6, "resnet101": 23}
 # Base-RCNN-FPN's PIXEL_MEAN and PIXEL_STD (BGR, 0-255): the MSRA weights' input, when the file does not say.
@@ -291,7 +293,6 @@ def load_teacher(backbone: str, checkpoint, weights, num_classes: int, **build_k
     **build_kwargs) with an MSRA body, conv1 reading RGB and the checkpoint's pixel statistics in its transform.
     checkpoint: what read_pickle or rankkd._torchfile.load_torch_file read from `weights` (the path, for messages).
     backbone: resnet50 or resnet101, as the checkpoint's depth; num_classes: 81 (COCO)."""
-    from rankkd.detection.models import build_detector
 
     where = f"teacher weights {str(weights)!r}"
     if backbone not in RESNET_RES4_BLOCKS:

@@ -12,12 +12,12 @@ mdistiller's detection/model/backbone/mobilenetv2.py: frozen batch norm, nothing
 on the last block of each stride (24, 32, 96 and 320 channels at strides 4-32; the final 1x1 conv unused).
 The RPN and RoI heads (rankkd.detection.heads) keep every box in float32 under autocast and follow detectron2 by
 default (head_style "detectron2": exact anchors, ROIAlignV2, L1 box losses); head_style "torchvision" is what
-torchvision's COCO_V1 weights were trained with, and load_detection_teacher picks it for them. Known differences
+torchvision's COCO_V1 weights were trained with, and rankkd.detection.teachers picks it for them. Known differences
 from detectron2 left: torchvision's ImageNet weights expect RGB input normalised by the ImageNet mean and std
 (detectron2's MSRA weights: BGR, mean only), and the box head keeps PyTorch's default initialisation (see
 rankkd.detection.heads).
 
-Resizing: the loaders of rankkd.detection.data resize every image (a seeded choice of the shorter side per sample),
+Resizing: the loaders of rankkd.data.coco resize every image (a seeded choice of the shorter side per sample),
 so by default the detector's transform only normalises and batches (min_size None). Give min_size / max_size for a
 detector that resizes its inputs itself, torchvision's usual behaviour.
 """
@@ -27,7 +27,6 @@ import os
 from collections import OrderedDict
 from pathlib import Path
 
-import torch
 from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
@@ -93,7 +92,7 @@ def fetch_weights(weights, what, option):
         fetch_torchvision_weights(_torchvision_entry(weights, what), option)
 
 
-def _load_state_dict_source(weights, what, option):
+def load_state_dict_source(weights, what, option):
     """A state_dict from a file path or a torchvision weights name ("ResNet18_Weights.IMAGENET1K_V1")."""
     if _is_file(weights):
         from rankkd._torchfile import load_torch_file
@@ -108,7 +107,7 @@ def _resnet_body(name, weights):
 
     body = getattr(torchvision.models, name)(weights=None, norm_layer=FrozenBatchNorm2d)
     if weights is not None:
-        state = _load_state_dict_source(weights, "backbone weights", "--student-weights")
+        state = load_state_dict_source(weights, "backbone weights", "--student-weights")
         missing, unexpected = body.load_state_dict(state, strict=False)
         unexpected = [key for key in unexpected if not key.startswith("fc.")]
         if missing or unexpected:
@@ -128,7 +127,7 @@ def _mobilenet_v2_body(weights):
 
     model = torchvision.models.mobilenet_v2(weights=None, norm_layer=FrozenBatchNorm2d)
     if weights is not None:
-        state = _load_state_dict_source(weights, "backbone weights", "--student-weights")
+        state = load_state_dict_source(weights, "backbone weights", "--student-weights")
         try:
             model.load_state_dict(state)
         except RuntimeError as error:
@@ -215,76 +214,3 @@ def build_detector(backbone: str, num_classes: int, *, backbone_weights=None, mi
         batch_size_per_image=rois_per_image, positive_fraction=0.25, bbox_reg_weights=None, score_thresh=0.05,
         nms_thresh=0.5, detections_per_img=100, box_loss_beta=box_loss_beta)
     return GeneralizedRCNN(fpn, rpn, roi_heads, DetectionTransform(min_size, max_size))
-
-
-def _teacher_state(state, weights):
-    """The detector state_dict inside `state`, what `weights` held: a trainer checkpoint's "student", a plain
-    state_dict file, or a torchvision weights name; wrapper prefixes (DDP's "module.", torch.compile's "_orig_mod.")
-    removed."""
-    if isinstance(state, dict) and isinstance(state.get("student"), dict):
-        state = state["student"]
-    if not (isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())):
-        raise ValueError(f"teacher weights {str(weights)!r} hold neither a detector state_dict nor a rankkd "
-                         "checkpoint (a dict with 'student'); pass a checkpoint written by the COCO trainer")
-    for prefix in ("module.", "_orig_mod."):
-        state = {key.removeprefix(prefix): value for key, value in state.items()}
-    return state
-
-
-def _has_coco91_columns(state):
-    """Whether `state` is a torchvision COCO detector's: 91 class columns indexed by category id."""
-    weight = state.get("roi_heads.box_predictor.cls_score.weight")
-    return weight is not None and weight.shape[0] == 91
-
-
-def _coco91_to_contiguous(state, num_classes):
-    """torchvision's COCO detectors index their 91 class columns by category id; keep the background and the 80
-    used ids, in order, to get the 81 columns of the trainer's detectors (same logits, same boxes)."""
-    rows = torch.tensor((0,) + COCO_CATEGORY_IDS)
-    if not _has_coco91_columns(state) or num_classes != len(rows):
-        return state
-    box_rows = (rows[:, None] * 4 + torch.arange(4)).reshape(-1)  # 4 box deltas per class
-    state = dict(state)
-    for name, index in (("cls_score", rows), ("bbox_pred", box_rows)):
-        for kind in ("weight", "bias"):
-            key = f"roi_heads.box_predictor.{name}.{kind}"
-            state[key] = state[key][index]
-    return state
-
-
-def load_detection_teacher(backbone: str, weights, num_classes: int, **build_kwargs):
-    """A frozen teacher in eval mode: build_detector(backbone, num_classes, **build_kwargs) with `weights` loaded.
-
-    weights: a checkpoint written by the trainer (a dict whose "student" is the detector state_dict), a detector
-    state_dict file, or a torchvision weights name such as "FasterRCNN_ResNet50_FPN_Weights.COCO_V1" (resnet50
-    only: torchvision's COCO Faster R-CNN R50-FPN; its 91 category-id columns are cut to the 81 used ones, and it
-    gets head_style "torchvision", which it was trained with), or a detectron2 model-zoo checkpoint of Faster R-CNN
-    R50-FPN / R101-FPN (a .pkl, or a .pth that detectron2 wrote; rankkd.detection.detectron2 converts it). Weights
-    of another architecture are refused with one ValueError line naming the file and the fix."""
-    from rankkd.detection import detectron2
-
-    pickled = detectron2.is_pickle_path(weights)
-    source = (detectron2.read_pickle(weights) if pickled
-              else _load_state_dict_source(weights, "teacher weights", "--teacher-weights"))
-    if pickled or detectron2.is_detectron2_checkpoint(source):
-        return detectron2.load_teacher(backbone, source, weights, num_classes, **build_kwargs)
-    state = _teacher_state(source, weights)
-    if _has_coco91_columns(state):
-        build_kwargs.setdefault("head_style", "torchvision")
-    model = build_detector(backbone, num_classes, **build_kwargs)
-    state = _coco91_to_contiguous(state, num_classes)
-    own = model.state_dict()
-    missing = [key for key in own if key not in state]
-    # Frozen batch norm has no num_batches_tracked, which a checkpoint of ordinary batch norm carries.
-    unexpected = [key for key in state if key not in own and not key.endswith("num_batches_tracked")]
-    wrong_shape = [key for key in own if key in state and state[key].shape != own[key].shape]
-    if missing or unexpected or wrong_shape:
-        detail = "; ".join(f"{what} {keys[0]!r}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else "")
-                           for what, keys in (("missing", missing), ("unexpected", unexpected),
-                                              ("different shape", wrong_shape)) if keys)
-        raise ValueError(f"teacher weights {str(weights)!r} are not those of a {backbone} Faster R-CNN with "
-                         f"{num_classes} classes ({detail}); pass the checkpoint of a {backbone} detector trained "
-                         "on this dataset, or the teacher backbone those weights belong to")
-    model.load_state_dict({key: value for key, value in state.items() if key in own})
-    model.requires_grad_(False)
-    return model.eval()

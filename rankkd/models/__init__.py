@@ -3,14 +3,15 @@ load_teacher(name, weights, num_classes), each taking the zoo by name.
 
 - "imagenet" (rankkd.models.imagenet): torchvision classifiers, DeiT-style ViTs from timm (when installed),
   mdistiller's MobileNetV1 and a small CNN pair for the 32x32 demo set;
-- "cifar" (rankkd.models.cifar): mdistiller's CIFAR-100 zoo, with its state_dict keys;
-- "coco" (rankkd.models.coco): Faster R-CNN FPN detectors by backbone (imported on first use: needs torchvision).
+- "cifar" (rankkd.models.cifar): mdistiller's CIFAR-100 zoo, with its state_dict keys.
+
+The detectors of the COCO task are rankkd.detection.zoo's, with the same verbs.
 
 Every check that can fail (unknown name, missing or unreadable file, class-count mismatch) raises a ValueError that
 says what to change, so a trainer can run them all before it starts any work."""
 import importlib
 
-ZOOS = ("imagenet", "cifar", "coco")
+ZOOS = ("imagenet", "cifar")
 
 
 def zoo(name):

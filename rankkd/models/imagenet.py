@@ -9,7 +9,6 @@ import importlib.util
 import functools
 import os
 
-import torch
 from torch import nn
 
 from rankkd.models.mobilenet_v1 import mobilenet_v1

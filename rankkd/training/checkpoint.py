@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from rankkd._torchfile import load_torch_file
-from rankkd.training.distributed import all_gather_objects
+from rankkd.distributed import all_gather_objects
 
 def write_atomically(path, write):
     """Call write(file) on a temporary file in path's folder, flush it to disk, then rename it over `path`: a kill at

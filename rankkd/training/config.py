@@ -1,7 +1,7 @@
 """The settings of a training run, as one frozen object.
 
 Every command-line option is declared once, as an Option: its type, valid range, help text and the part of the
-settings it fills. A task (rankkd.training.tasks) adds its own options to the shared ones. resolve_config() then
+settings it fills. A task (rankkd.tasks) adds its own options to the shared ones. resolve_config() then
 builds the RunConfig in one go: the task's recipe, overridden by the command line, completed with what the processes
 and the device decide (global batch, scaled lr, precision, compile mode), checked with the option's name in every
 message, and frozen. Nothing changes it afterwards; config.json and every checkpoint hold record(cfg).
@@ -25,7 +25,7 @@ from rankkd.distill import METHODS, DistillConfig
 from rankkd.ops import BACKENDS as OP_BACKENDS
 from rankkd.ops import available_backends
 from rankkd.recipes import LOSS_RECIPES, get_recipe
-from rankkd.training.distributed import broadcast_object
+from rankkd.distributed import broadcast_object
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 SECTIONS = ("run", "model", "data", "augment", "optim", "speed", "loss")

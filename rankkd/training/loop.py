@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from rankkd.training.checkpoint import (copy_atomically, gather_rng_states, save_checkpoint, seed_everything,
                                         set_rng_state, write_atomically)
 from rankkd.training.config import record
-from rankkd.training.distributed import all_reduce_sum, average_buffers, barrier
+from rankkd.distributed import all_reduce_sum, average_buffers, barrier
 from rankkd.training.optim import learning_rate, make_optimizer
 from rankkd.training.progress import Progress, format_duration
 from rankkd.training.run_folder import MetricsLog, saved_progress, write_on_main

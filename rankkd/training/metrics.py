@@ -2,7 +2,7 @@
 validation pass."""
 import torch
 
-from rankkd.training.distributed import all_reduce_sum
+from rankkd.distributed import all_reduce_sum
 
 
 def topk_correct(logits, target, ks=(1, 5)):

@@ -14,8 +14,8 @@ import torch
 
 from rankkd.training.checkpoint import seed_everything
 from rankkd.training.config import check_loss_fits, make_parser, resolve_config
-from rankkd.training.data.folder import EXCLUDE_HINT, BadImageError
-from rankkd.training.distributed import cleanup_distributed, init_distributed
+from rankkd.data.folder import EXCLUDE_HINT, BadImageError
+from rankkd.distributed import cleanup_distributed, init_distributed
 from rankkd.training.loop import NonFiniteLossError, Run, train_and_evaluate
 from rankkd.training.run_folder import DiskFullError, open_run_folder, saved_progress
 from rankkd.training.teacher_cache import cached_teacher

@@ -17,7 +17,7 @@ import torch
 
 from rankkd.training.checkpoint import copy_atomically, load_checkpoint, previous_checkpoint, write_atomically
 from rankkd.training.config import changed_settings, flat_settings, record
-from rankkd.training.distributed import all_reduce_sum, barrier
+from rankkd.distributed import all_reduce_sum, barrier
 
 def _not_writable(what, folder, error):
     """A ValueError naming `folder` (as `what`, say "--out") and why `error` (an OSError) stopped a write there."""

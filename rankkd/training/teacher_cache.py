@@ -6,8 +6,8 @@ import json
 
 from rankkd.training.checkpoint import copy_atomically
 from rankkd.training.config import TEACHER_RUN_INHERITS, flat_settings, make_parser, record, resolve_config
-from rankkd.training.data.demo import default_cache_dir
-from rankkd.training.distributed import barrier
+from rankkd.data.demo import default_cache_dir
+from rankkd.distributed import barrier
 from rankkd.training.run_folder import RunLock
 
 

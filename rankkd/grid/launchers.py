@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import rankkd
-from rankkd.training.grid.cells import Cell, read_json, read_metrics, write_json
-from rankkd.training.grid.report import markdown_table, table_rows, write_table
-from rankkd.training.grid.scheduler import (POLL_S, STATUS_EVERY_S, Placement, claim_cell, done_line, eta,
+from rankkd.grid.cells import Cell, read_json, read_metrics, write_json
+from rankkd.grid.report import markdown_table, table_rows, write_table
+from rankkd.grid.scheduler import (POLL_S, STATUS_EVERY_S, Placement, claim_cell, done_line, eta,
                                             failed_since, is_done, mark_failed, progress_line, record_end,
                                             run_environment, start_process, time_left)
 from rankkd.training.progress import format_duration

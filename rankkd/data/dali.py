@@ -1,7 +1,7 @@
 """DALI loaders: decoding and augmentation on the GPU ("mixed" nvJPEG decoding, with the hardware JPEG decoder where
 the GPU has one), or a CPU-only pipeline (device_id=None) where there is no GPU.
 
-DALI is imported only when a pipeline is built, so importing rankkd.training.data works without it.
+DALI is imported only when a pipeline is built, so importing rankkd.data works without it.
 
 Each train epoch builds a fresh pipeline over this rank's slice of that epoch's global permutation (see
 sharding.py), fed as an explicit file list to fn.readers.file with its own shuffling off, and seeded from
@@ -35,9 +35,9 @@ from collections.abc import Iterator
 
 import torch
 
-from rankkd.training.data.folder import SplitListing, find_undecodable
-from rankkd.training.data.normalization import IMAGENET_MEAN, IMAGENET_STD
-from rankkd.training.data.sharding import TrainShard, ValShard
+from rankkd.data.folder import SplitListing, find_undecodable
+from rankkd.data.normalization import IMAGENET_MEAN, IMAGENET_STD
+from rankkd.data.sharding import TrainShard, ValShard
 
 
 READER_NAME = "files"

@@ -197,7 +197,7 @@ def check_images(paths: list[str], *, what: str, workers: int | None = None) -> 
         return
     shown = "; ".join(f"{image.path} ({image.reason})" for image in unreadable[:3])
     more = f"; and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
-    scan = f"python -m rankkd.training.data.scan {os.path.commonpath([os.path.dirname(path) for path in paths])}"
+    scan = f"python -m rankkd.data.scan {os.path.commonpath([os.path.dirname(path) for path in paths])}"
     raise BadImageError(f"{len(unreadable)} unreadable image file(s) in {what}: {shown}{more}. {EXCLUDE_HINT}; "
                         f"`{scan}` lists every unreadable image", path=unreadable[0].path)
 

@@ -11,11 +11,7 @@ skipped; the shorter side is resized to a size drawn from train_sizes (detectron
 side capped at max_size (1333), then a horizontal flip with probability 0.5 moves the boxes with the image.
 Validation: every listed image, resized to test_size / max_size (800 / 1333), each read by exactly one rank.
 
-Loaders follow the trainers' loader protocol (set_epoch, len = steps per pass, num_samples, backend) and yield
-(list of float CHW images in [0, 1] on the device, list of {"boxes": (N, 4) float xyxy, "labels": (N,) int64}) for
-training, (images, image ids) for validation. Order and augmentation are functions of (seed, epoch, rank) only
-(rankkd.training.data.sharding), whatever the number of workers; each sample's draws (shorter side, flip) come
-from sample_augmentation, which the DALI loaders (rankkd.detection.dali) share, so both backends read a pass alike.
+The loaders are rankkd.data.coco_loaders (torchvision's) and rankkd.data.coco_dali.
 """
 from __future__ import annotations
 
@@ -24,19 +20,16 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
 
-from rankkd.training.data import resolve_device, resolve_loader_backend
-from rankkd.training.data.demo import default_cache_dir
-from rankkd.training.data.folder import default_check_workers, image_problem
-from rankkd.training.data.sharding import TrainShard, ValShard
+from rankkd.data.demo import default_cache_dir
+from rankkd.data.folder import default_check_workers, image_problem
+from rankkd.data.sharding import TrainShard
 
 TRAIN_SIZES = (640, 672, 704, 736, 768, 800)  # detectron2's MIN_SIZE_TRAIN of Base-RCNN-FPN
 TEST_SIZE = 800
@@ -251,7 +244,7 @@ def _check_annotation(annotation, path, images_by_id, category_ids):
 # (boxes are scaled by it, in training and in scoring), and its integrity checked as far as that is cheap.
 
 
-# A file renamed so (rankkd.training.data.folder.EXCLUDE_HINT) is left out: of training, with a note.
+# A file renamed so (rankkd.data.folder.EXCLUDE_HINT) is left out: of training, with a note.
 _EXCLUDED_SUFFIX = ".unreadable"
 
 
@@ -451,162 +444,3 @@ def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
     flipped = boxes.copy()
     flipped[:, 0], flipped[:, 2] = width - boxes[:, 2], width - boxes[:, 0]
     return flipped
-
-
-class _CocoImages(Dataset):
-    """Indexed by (position in the split, augmentation seed or None): the seed travels with the key, so workers
-    started once still see each epoch's seeds, and a sample's augmentation does not depend on the worker."""
-
-    def __init__(self, split: CocoSplit, sizes: tuple[int, ...], max_size: int, flip: bool):
-        self._split, self._sizes, self._max_size, self._flip = split, tuple(sizes), max_size, flip
-
-    def __len__(self) -> int:
-        return len(self._split)
-
-    def __getitem__(self, key):
-        from PIL import Image
-
-        index, seed = key
-        with Image.open(self._split.files[index]) as image:
-            image = image.convert("RGB")
-        width, height = image.size
-        shorter, flip = sample_augmentation(seed, self._sizes, self._flip)
-        new_height, new_width = resized_shape(height, width, shorter, self._max_size)
-        image = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
-        boxes = self._split.boxes[index] * np.array([new_width / width, new_height / height] * 2, dtype=np.float32)
-        boxes = np.clip(boxes, 0, [new_width, new_height, new_width, new_height]).astype(np.float32)
-        if flip:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            boxes = flip_boxes(boxes, new_width)
-        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # uint8 CHW: 4x less to pass around
-        boxes, labels = drop_empty_boxes(torch.from_numpy(boxes), torch.from_numpy(self._split.labels[index]))
-        return pixels, boxes, labels, self._split.image_ids[index]
-
-
-class _Keys(Sampler):
-    """Yields the keys set for the current pass; the train loader refills it at the start of every epoch."""
-
-    def __init__(self, keys):
-        self.keys = keys
-
-    def __iter__(self):
-        return iter(self.keys)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
-def _data_loader(dataset, keys, *, batch_size, num_workers, device):
-    # Own generator: starting workers must not draw from the global one (the samples are seeded by their keys).
-    return DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=num_workers, collate_fn=list,
-                      pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
-                      generator=torch.Generator())
-
-
-def _images_to_device(samples, device):
-    return [pixels.to(device, non_blocking=True).float().div_(255) for pixels, *_ in samples]
-
-
-class CocoTrainLoader(TrainShard):
-    """One rank's training batches (module docstring); call set_epoch(epoch) before each pass."""
-
-    backend = "torchvision"
-
-    def __init__(self, split: CocoSplit, *, batch_size: int, rank: int, world_size: int, device: torch.device,
-                 seed: int, num_workers: int, sizes: tuple[int, ...] = TRAIN_SIZES, max_size: int = MAX_SIZE,
-                 flip: bool = True):
-        super().__init__(len(split), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
-        self._device = torch.device(device)
-        self._keys = _Keys([])
-        self._batches = _data_loader(_CocoImages(split, sizes, max_size, flip), self._keys, batch_size=batch_size,
-                                     num_workers=num_workers, device=self._device)
-
-    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]:
-        return self.batches_from(0)
-
-    def batches_from(self, step: int) -> Iterator[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]:
-        """The pass's batches from batch `step` on, exactly as a whole pass yields them (iteration-based schedules
-        resume mid-pass)."""
-        indices, seeds = pass_samples(self)
-        start = step * self._batch_size
-        self._keys.keys = list(zip(indices.tolist()[start:], seeds.tolist()[start:]))
-        for samples in self._batches:
-            targets = [{"boxes": boxes.to(self._device, non_blocking=True),
-                        "labels": labels.to(self._device, non_blocking=True)} for _, boxes, labels, _ in samples]
-            yield _images_to_device(samples, self._device), targets
-
-
-class CocoValLoader(ValShard):
-    """This rank's block of the val images, in image-id order; the last batch may be partial. Yields (images,
-    image ids); evaluation maps boxes back to the original size given by the annotation file."""
-
-    backend = "torchvision"
-
-    def __init__(self, split: CocoSplit, *, batch_size: int, rank: int, world_size: int, device: torch.device,
-                 num_workers: int, size: int = TEST_SIZE, max_size: int = MAX_SIZE):
-        super().__init__(len(split), batch_size=batch_size, rank=rank, world_size=world_size)
-        self._device = torch.device(device)
-        self.image_ids = [split.image_ids[i] for i in self.indices.tolist()]
-        self._batches = _data_loader(_CocoImages(split, (size,), max_size, flip=False),
-                                     _Keys([(i, None) for i in self.indices.tolist()]), batch_size=batch_size,
-                                     num_workers=num_workers, device=self._device)
-
-    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], list[int]]]:
-        for samples in self._batches:
-            yield _images_to_device(samples, self._device), [image_id for *_, image_id in samples]
-
-
-def make_coco_loaders(dataset: CocoDataset, *, batch_size: int, val_batch_size: int, rank: int, world_size: int,
-                      device: torch.device, seed: int, num_workers: int, backend: str = "auto",
-                      train_sizes: tuple[int, ...] = TRAIN_SIZES, test_size: int = TEST_SIZE,
-                      max_size: int = MAX_SIZE):
-    """The (train, val) loaders of one rank over a checked dataset (check_coco). backend: "dali" (GPU decoding on a
-    CUDA device), "torchvision" (PIL in num_workers processes) or "auto" (DALI when installed). num_workers: the
-    DataLoader's worker processes, or DALI's CPU threads (at least one)."""
-    device = resolve_device(device)
-    if resolve_loader_backend(backend) == "dali":
-        from rankkd.detection.dali import DaliCocoTrainLoader, DaliCocoValLoader
-
-        common = dict(rank=rank, world_size=world_size, device=device, decode_on_gpu=device.type == "cuda",
-                      num_threads=max(1, num_workers), max_size=max_size)
-        return (DaliCocoTrainLoader(dataset.train, dataset.category_ids, batch_size=batch_size, seed=seed,
-                                    sizes=train_sizes, **common),
-                DaliCocoValLoader(dataset.val, dataset.category_ids, batch_size=val_batch_size, size=test_size,
-                                  **common))
-    train = CocoTrainLoader(dataset.train, batch_size=batch_size, rank=rank, world_size=world_size, device=device,
-                            seed=seed, num_workers=num_workers, sizes=train_sizes, max_size=max_size)
-    val = CocoValLoader(dataset.val, batch_size=val_batch_size, rank=rank, world_size=world_size, device=device,
-                        num_workers=num_workers, size=test_size, max_size=max_size)
-    return train, val
-
-
-class SyntheticDetectionLoader:
-    """Random device-resident images and boxes, the same batch `steps` times per pass: for timing the training step
-    without an input pipeline. The tensors are shared between steps; a step must not modify them in place."""
-
-    backend = "synthetic"
-
-    def __init__(self, *, batch_size: int, image_size: tuple[int, int], num_classes: int, steps: int,
-                 device: torch.device, seed: int, boxes_per_image: int = 7):
-        generator = torch.Generator().manual_seed(seed)
-        height, width = image_size
-        self.images = [torch.rand((3, height, width), generator=generator).to(device) for _ in range(batch_size)]
-        self.targets = []
-        for _ in range(batch_size):
-            corners = torch.rand((boxes_per_image, 2, 2), generator=generator) * torch.tensor([width, height])
-            low, high = corners.min(dim=1).values, corners.max(dim=1).values + 8  # at least 8 px a side
-            boxes = torch.cat([low, torch.minimum(high, torch.tensor([width, height]))], dim=1)
-            labels = torch.randint(1, num_classes, (boxes_per_image,), generator=generator)
-            self.targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
-        self._steps = steps
-        self.num_samples = steps * batch_size
-
-    def set_epoch(self, epoch: int) -> None:
-        """Every pass is the same; accepted so that all loaders share one protocol."""
-
-    def __len__(self) -> int:
-        return self._steps
-
-    def __iter__(self):
-        for _ in range(self._steps):
-            yield self.images, self.targets

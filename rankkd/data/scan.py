@@ -1,6 +1,6 @@
 """Find every unreadable image in a data set before a training run meets one:
 
-    python -m rankkd.training.data.scan ROOT [--workers N] [--full]
+    python -m rankkd.data.scan ROOT [--workers N] [--full]
 
 ROOT is an ImageFolder tree (ROOT/train, ROOT/val) or any folder of images. Every file with an image extension is
 checked, in parallel; hidden files and folders are skipped, as the loaders skip them. The unreadable ones are
@@ -14,7 +14,7 @@ import shlex
 import sys
 import time
 
-from rankkd.training.data.folder import EXCLUDE_HINT, IMAGE_EXTENSIONS, default_check_workers, find_unreadable_images
+from rankkd.data.folder import EXCLUDE_HINT, IMAGE_EXTENSIONS, default_check_workers, find_unreadable_images
 
 
 def list_images(root):
@@ -48,7 +48,7 @@ class ProgressLine:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m rankkd.training.data.scan",
+    parser = argparse.ArgumentParser(prog="python -m rankkd.data.scan",
                                      description="List every image file under ROOT that cannot be read.")
     parser.add_argument("root", metavar="ROOT", help="an ImageFolder tree (ROOT/train, ROOT/val) or any folder of "
                         "images")
@@ -74,7 +74,7 @@ def main(argv=None):
     if not unreadable:
         print(f"all {len(images):,} images are readable", file=sys.stderr)
         return 0
-    command = shlex.join(["python", "-m", "rankkd.training.data.scan", args.root] + ["--full"] * args.full)
+    command = shlex.join(["python", "-m", "rankkd.data.scan", args.root] + ["--full"] * args.full)
     print(f"{len(unreadable):,} of {len(images):,} images are unreadable (listed above as PATH<TAB>REASON). "
           f"{EXCLUDE_HINT}. To rename all of them:\n"
           f"  {command} | cut -f1 | while read -r f; do mv \"$f\" \"$f.unreadable\"; done", file=sys.stderr)

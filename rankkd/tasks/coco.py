@@ -26,13 +26,13 @@ from types import SimpleNamespace
 
 import torch
 
-from rankkd import models
+from rankkd.detection import zoo as detection_zoo
 from rankkd.distill import DistillConfig
 from rankkd.recipes import COCO_PAIRS, COCO_SCHEDULES
 from rankkd.training.config import Option, split_method
-from rankkd.training.data import LOADER_BACKENDS
-from rankkd.training.data.demo import default_cache_dir
-from rankkd.training.distributed import all_reduce_sum
+from rankkd.data import LOADER_BACKENDS
+from rankkd.data.demo import default_cache_dir
+from rankkd.distributed import all_reduce_sum
 from rankkd.training.metrics import kendall_tau
 from rankkd.training.run_folder import check_writable
 from rankkd.training.task import Task
@@ -123,7 +123,7 @@ DETECTION_METHODS = ("none", "kd", "kd+rank", "dkd", "dkd+rank")
 class CocoTask(Task):
     name = "coco"
     description = __doc__.split("\n\n")[0]
-    zoo = "coco"
+    zoo = detection_zoo
     recipes = RECIPES
     own_options = OPTIONS
     methods = DETECTION_METHODS
@@ -165,12 +165,13 @@ class CocoTask(Task):
                              "torchvision's FasterRCNN_ResNet50_FPN_Weights.COCO_V1 for resnet50, or 'random'")
         if values["student_weights"] == "none":
             values["student_weights"] = None
-        models.zoo(self.zoo).fetch_model_weights(values["student"], values["student_weights"], values["teacher"],
+        self.zoo.fetch_model_weights(values["student"], values["student_weights"], values["teacher"],
                                                  values["teacher_weights"])
 
     def make_data(self, cfg, env):
-        from rankkd.detection.data import SyntheticDetectionLoader, check_coco, make_coco_loaders
-        from rankkd.detection.demo import prepare_demo_coco
+        from rankkd.data.coco import check_coco
+        from rankkd.data.coco_loaders import SyntheticDetectionLoader, make_coco_loaders
+        from rankkd.data.coco_demo import prepare_demo_coco
         from rankkd.detection.evaluate import load_coco_gt
 
         data = cfg.data
@@ -196,7 +197,7 @@ class CocoTask(Task):
                                num_classes=dataset.num_classes, backend=train.backend)
 
     def build_student(self, cfg, num_classes):
-        return models.zoo(self.zoo).build_model(cfg.model.student, num_classes, cfg.model.student_weights)
+        return self.zoo.build_model(cfg.model.student, num_classes, cfg.model.student_weights)
 
     def train_forward(self, student, teacher, cfg):
         from rankkd.detection.distill import DetectionDistiller

@@ -16,20 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from rankkd.training.data.demo import default_cache_dir
+from rankkd.data.demo import default_cache_dir
 
 DEMO_CATEGORIES = ({"id": 1, "name": "rectangle"}, {"id": 3, "name": "ellipse"}, {"id": 7, "name": "triangle"})
 DEMO_IMAGE_SIZE = 128
 DEMO_NUM_TRAIN = 480
 DEMO_NUM_VAL = 120
-# Detector and loader settings sized for the demo's 128 px images and a 2-core CPU (build_detector and
-# make_coco_loaders keyword arguments): anchors 16-256 (objects are 16-56 px), a narrow FPN and box head, fewer
-# proposals and sampled RoIs than detectron2's. Measured on a shared 2-core CPU (torch 2.14.1, one thread,
-# 2026-12-04): a demo_small detector trained from scratch for 400 steps of batch 8 (SGD lr 0.02) reached 28.4 box AP
-# on the val split.
-DEMO_DETECTOR = {"anchor_sizes": (16, 32, 64, 128, 256), "fpn_channels": 32, "box_head_dim": 128,
-                 "rois_per_image": 64, "rpn_pre_nms_top_n_train": 1000, "rpn_pre_nms_top_n_test": 1000,
-                 "rpn_post_nms_top_n": 300}
+# Loader settings sized for the demo's 128 px images and a 2-core CPU (make_coco_loaders keyword arguments); the
+# detector's are rankkd.detection.zoo.DEMO_DETECTOR.
 DEMO_LOADER = {"train_sizes": (96, 112, 128, 144, 160), "test_size": 128, "max_size": 213}
 _SEED = 0
 _DIR_NAME = f"shapes-coco-{DEMO_IMAGE_SIZE}px-v1"

@@ -21,10 +21,10 @@ from typing import Protocol
 
 import torch
 
-from rankkd.training.data.dali import RAND_AUGMENT_MAX_MAGNITUDE
-from rankkd.training.data.demo import DEMO_IMAGE_SIZE, DEMO_NUM_CLASSES, prepare_demo
-from rankkd.training.data.folder import BadImageError, ImageFolderError, list_image_folder
-from rankkd.training.data.synthetic import SyntheticLoader
+from rankkd.data.dali import RAND_AUGMENT_MAX_MAGNITUDE
+from rankkd.data.demo import DEMO_IMAGE_SIZE, DEMO_NUM_CLASSES, prepare_demo
+from rankkd.data.folder import BadImageError, ImageFolderError, list_image_folder
+from rankkd.data.synthetic import SyntheticLoader
 
 LOADER_BACKENDS = ("auto", "dali", "torchvision")
 DECODE_DEVICES = ("auto", "cpu", "gpu")
@@ -80,7 +80,7 @@ def resolve_device(device: torch.device | str) -> torch.device:
 
 def resolve_loader_backend(backend: str) -> str:
     """"dali" or "torchvision" for a backend option of LOADER_BACKENDS ("auto": DALI when it is importable)."""
-    from rankkd.training.data.dali import dali_available
+    from rankkd.data.dali import dali_available
 
     if backend not in LOADER_BACKENDS:
         raise ValueError(f"backend must be one of {LOADER_BACKENDS}, got {backend!r}")
@@ -167,7 +167,7 @@ def make_loaders(root: str | os.PathLike, *, batch_size: int, image_size: int = 
     magnitude_std = augment.pop("rand_augment_magnitude_std")
 
     if backend == "dali":
-        from rankkd.training.data.dali import DaliTrainLoader, DaliValLoader
+        from rankkd.data.dali import DaliTrainLoader, DaliValLoader
 
         if decode_device == "gpu" and device.type != "cuda":
             raise ValueError(f"decode_device='gpu' needs a CUDA device, got device={device}")
@@ -177,7 +177,7 @@ def make_loaders(root: str | os.PathLike, *, batch_size: int, image_size: int = 
         val = DaliValLoader(listing.val, resize_shorter=resize_shorter, num_threads=num_threads,
                             decode_on_gpu=decode_on_gpu, **common)
     else:
-        from rankkd.training.data.torchvision_loader import TorchvisionTrainLoader, TorchvisionValLoader
+        from rankkd.data.torchvision_loader import TorchvisionTrainLoader, TorchvisionValLoader
 
         if decode_device == "gpu":
             raise ValueError("decode_device='gpu' needs backend='dali'; the torchvision fallback decodes on the CPU")

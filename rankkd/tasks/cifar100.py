@@ -8,7 +8,7 @@
 
 The models are megvii-research/mdistiller's CIFAR zoo (rankkd.models.cifar: same names, same state_dict keys), so
 its released teachers (cifar_teachers.tar) load as they are. The data set lives on the device as uint8 and is
-cropped, flipped and normalized there (rankkd.training.data.cifar): no loader processes, no host copy per step.
+cropped, flipped and normalized there (rankkd.data.cifar): no loader processes, no host copy per step.
 
 This module is the CIFAR-100 task: its pairs and recipes (mdistiller's solver), options, checks, data and models.
 The run itself is rankkd.training.run's, shared with the other tasks.
@@ -17,10 +17,11 @@ from pathlib import Path
 
 from rankkd import recipes
 from rankkd.distill import DistillConfig
+from rankkd.models import cifar as cifar_zoo
 from rankkd.recipes import CIFAR100_PAIRS
 from rankkd.training.config import Option, split_method
-from rankkd.training.data.cifar import demo_arrays, load_cifar100, make_device_loaders, synthetic_arrays
-from rankkd.training.data.demo import default_cache_dir
+from rankkd.data.cifar import demo_arrays, load_cifar100, make_device_loaders, synthetic_arrays
+from rankkd.data.demo import default_cache_dir
 from rankkd.training.run_folder import check_writable
 from rankkd.training.task import ClassificationTask
 
@@ -69,7 +70,7 @@ OPTIONS = (
 class Cifar100Task(ClassificationTask):
     name = "cifar100"
     description = __doc__.split("\n\n")[0]
-    zoo = "cifar"
+    zoo = cifar_zoo
     recipes = RECIPES
     own_options = OPTIONS
     loss_recipe_prefixes = ("cifar100-",)

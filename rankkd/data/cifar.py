@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rankkd.training.data.sharding import TrainShard, ValShard
+from rankkd.data.sharding import TrainShard, ValShard
 
 # mdistiller's CIFAR-100 channel statistics (RGB, pixel values in [0, 1]).
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
@@ -232,8 +232,8 @@ def demo_arrays(cache_dir: str | os.PathLike | None = None) -> ImageArrays:
     the demo tree that prepare_demo builds (and caches in cache_dir), normalized with their own train-set mean/std."""
     from PIL import Image
 
-    from rankkd.training.data.demo import prepare_demo
-    from rankkd.training.data.folder import list_image_folder
+    from rankkd.data.demo import prepare_demo
+    from rankkd.data.folder import list_image_folder
 
     listing = list_image_folder(prepare_demo(cache_dir))
     splits = []
@@ -386,7 +386,7 @@ def make_device_loaders(arrays: ImageArrays, *, batch_size: int, device: torch.d
     batch_size) over this rank's block; the blocks of all ranks cover every val image once. Batches are float32
     (N, 3, H, W) normalized with mean/std (default: the arrays' own), channels_last when asked, and int64 labels.
     """
-    from rankkd.training.data import DataLoaders, resolve_device  # the package re-exports this module
+    from rankkd.data import DataLoaders, resolve_device  # the package re-exports this module
 
     val_batch_size = batch_size if val_batch_size is None else val_batch_size
     for name, value, minimum in (("batch_size", batch_size, 1), ("val_batch_size", val_batch_size, 1),

@@ -20,15 +20,14 @@ from types import SimpleNamespace
 
 import torch
 
-from rankkd import models
 from rankkd.distill import DistillConfig
 from rankkd.training.config import Option
-from rankkd.training.data import TrainAugmentation, make_loaders, prepare_demo, synthetic_loader
-from rankkd.training.data.dali import RAND_AUGMENT_MAX_MAGNITUDE
-from rankkd.training.data.demo import default_cache_dir
-from rankkd.training.data.folder import BadImageError, check_images, list_image_folder
-from rankkd.training.data.mixing import make_batch_mixer
-from rankkd.training.distributed import all_gather_objects
+from rankkd.data import TrainAugmentation, make_loaders, prepare_demo, synthetic_loader
+from rankkd.data.dali import RAND_AUGMENT_MAX_MAGNITUDE
+from rankkd.data.demo import default_cache_dir
+from rankkd.data.folder import BadImageError, check_images, list_image_folder
+from rankkd.data.mixing import make_batch_mixer
+from rankkd.distributed import all_gather_objects
 from rankkd.training.run_folder import check_writable
 from rankkd.training.task import ClassificationTask
 
@@ -197,7 +196,7 @@ class ImageNetTask(ClassificationTask):
                                 seed=cfg.run.seed, rank=env.rank)
 
     def build_student(self, cfg, num_classes):
-        return models.build_model(cfg.model.student, num_classes, self.zoo, drop_path_rate=cfg.augment.drop_path,
+        return self.zoo.build_model(cfg.model.student, num_classes, drop_path_rate=cfg.augment.drop_path,
                                   image_size=cfg.data.image_size)
 
 

@@ -10,10 +10,10 @@ from rankkd.distill import DistillConfig
 from rankkd.recipes import CIFAR100_PAIRS
 from rankkd.training.checkpoint import write_atomically
 from rankkd.training.config import check_loss_fits, make_parser, resolve_config
-from rankkd.training.data.cifar import load_cifar100
-from rankkd.training.distributed import DistEnv
+from rankkd.data.cifar import load_cifar100
+from rankkd.distributed import DistEnv
 from rankkd.training.run_folder import read_metrics as read_metrics_file
-from rankkd.training.tasks.cifar100 import TASK
+from rankkd.tasks.cifar100 import TASK
 
 BASE_METHODS = ("kd", "dkd", "dist")  # each also "<method>+rank": the same loss plus the ranking loss at gamma = alpha
 DEFAULT_METHODS = ("kd", "kd+rank", "dkd", "dkd+rank")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from rankkd.training.grid.cells import read_json, read_metrics, write_json
+from rankkd.grid.cells import read_json, read_metrics, write_json
 from rankkd.training.run_folder import read_metrics as read_metrics_file
 from rankkd.training.progress import format_duration
 from rankkd.training.run_folder import FolderInUseError, RunLock

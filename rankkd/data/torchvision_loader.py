@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from rankkd.training.data.dali import RANDOM_ERASING_RATIO, RANDOM_ERASING_SCALE
-from rankkd.training.data.folder import BadImageError, SplitListing
-from rankkd.training.data.normalization import IMAGENET_MEAN, IMAGENET_STD
-from rankkd.training.data.sharding import TrainShard, ValShard
+from rankkd.data.dali import RANDOM_ERASING_RATIO, RANDOM_ERASING_SCALE
+from rankkd.data.folder import BadImageError, SplitListing
+from rankkd.data.normalization import IMAGENET_MEAN, IMAGENET_STD
+from rankkd.data.sharding import TrainShard, ValShard
 
 
 class _ImageFiles(Dataset):

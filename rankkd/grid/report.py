@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rankkd.recipes import CIFAR100_PAIRS, CIFAR100_PUBLISHED_TOP1
 from rankkd.training.checkpoint import write_atomically
-from rankkd.training.grid.cells import BASE_METHODS, DEMO_PAIRS, Cell, pair_models, read_json, read_metrics
+from rankkd.grid.cells import BASE_METHODS, DEMO_PAIRS, Cell, pair_models, read_json, read_metrics
 from rankkd.training.progress import format_duration
 from rankkd.training.run_folder import RunLock
 

@@ -20,10 +20,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from rankkd.detection.data import (MAX_SIZE, TEST_SIZE, TRAIN_SIZES, CocoSplit, drop_empty_boxes, pass_samples,
+from rankkd.data.coco import (MAX_SIZE, TEST_SIZE, TRAIN_SIZES, CocoSplit, drop_empty_boxes, pass_samples,
                                    sample_augmentation)
-from rankkd.training.data.dali import READER_NAME, decoder_args, run_pipeline
-from rankkd.training.data.sharding import TrainShard, ValShard
+from rankkd.data.dali import READER_NAME, decoder_args, run_pipeline
+from rankkd.data.sharding import TrainShard, ValShard
 
 _TRAIN_OUTPUTS = ("images", "sizes", "boxes", "labels", "box_counts")
 _VAL_OUTPUTS = ("images", "sizes", "image_ids")
@@ -79,7 +79,7 @@ def _read_pass(split: CocoSplit, category_ids: list[int], positions: list[int], 
 
 
 class DaliCocoTrainLoader(TrainShard):
-    """One rank's training batches on DALI, as data.CocoTrainLoader's; call set_epoch(epoch) before each pass."""
+    """One rank's training batches on DALI, as coco_loaders.CocoTrainLoader's; call set_epoch(epoch) before each pass."""
 
     backend = "dali"
 
@@ -117,7 +117,7 @@ class DaliCocoTrainLoader(TrainShard):
 
 
 class DaliCocoValLoader(ValShard):
-    """This rank's block of the val images on DALI, as data.CocoValLoader's: yields (images, image ids)."""
+    """This rank's block of the val images on DALI, as coco_loaders.CocoValLoader's: yields (images, image ids)."""
 
     backend = "dali"
 
