@@ -25,12 +25,17 @@ FLOAT32_TOL = 1e-5
 HALF_TOL = {torch.bfloat16: (2**-9, 2**-6), torch.float16: (2**-12, 2**-9)}  # (loss, gradients)
 
 
-def reference_loss(hidden, weight, target, teacher_ids, teacher_logits, bias=None, ce_weight=1.0, kd_weight=1.0,
-                   rank_weight=1.0, temperature=1.0, k=1.0, ignore_index=-100, reduction="mean"):
+def reference_loss(hidden, weight, target, teacher_ids, teacher_logits, bias=None, **options):
     """The loss the plain way, in float64: (positions x V) logits, log_softmax, gather, the B x K x K ranking loss."""
-    lead, top_k = hidden.shape[:-1], teacher_ids.shape[-1]
     logits = F.linear(hidden.double(), weight.double(), None if bias is None else bias.double())
-    logits = logits.reshape(-1, weight.shape[0])
+    return reference_loss_of_logits(logits, target, teacher_ids, teacher_logits, **options)
+
+
+def reference_loss_of_logits(logits, target, teacher_ids, teacher_logits, ce_weight=1.0, kd_weight=1.0,
+                             rank_weight=1.0, temperature=1.0, k=1.0, ignore_index=-100, reduction="mean"):
+    """reference_loss from the student's full logits (..., V), in float64."""
+    lead, top_k = logits.shape[:-1], teacher_ids.shape[-1]
+    logits = logits.double().reshape(-1, logits.shape[-1])
     ids, teacher = teacher_ids.reshape(-1, top_k), teacher_logits.double().reshape(-1, top_k)
     counted = (torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device) if target is None
                else target.reshape(-1) != ignore_index)
@@ -408,9 +413,3 @@ def test_readme_causal_lm_example_matches_the_unfused_loss():
     assert rel_err(loss, expected) <= FLOAT32_TOL
     for grad, param in zip(grads, student.parameters()):
         assert rel_err(grad, param.grad) <= FLOAT32_TOL
-
-
-def test_readme_hugging_face_examples_are_valid_python():
-    # transformers is not a dependency: these run only where it is installed; here they are only compiled.
-    for name in ("hugging-face example", "trainer example"):
-        compile(readme_block(name), "README.md", "exec")
