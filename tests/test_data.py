@@ -185,6 +185,27 @@ def test_interrupted_demo_build_leaves_nothing_behind(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_build_in_cache_writes_once_and_yields_to_a_builder_that_finished_first(tmp_path):
+    calls = []
+
+    def write(folder):
+        calls.append(folder)
+        (folder / "part").write_text("mine")
+
+    root = demo.build_in_cache("set-v1", write, tmp_path)
+    assert root == tmp_path / "set-v1" and (root / "part").read_text() == "mine"
+    assert demo.build_in_cache("set-v1", write, tmp_path) == root and len(calls) == 1  # found, not rebuilt
+    assert not calls[0].exists()  # the staging folder was renamed into place
+
+    def lose_the_race(folder):  # another rank renames its complete set into place while this one builds
+        (folder / "part").write_text("late")
+        (tmp_path / "other-v1").mkdir()
+        (tmp_path / "other-v1" / "part").write_text("first")
+
+    assert (demo.build_in_cache("other-v1", lose_the_race, tmp_path) / "part").read_text() == "first"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["other-v1", "set-v1"]  # no staging folder left
+
+
 @pytest.mark.parametrize("missing", ["train", "val"])
 def test_missing_split_folder_is_named(fresh_tree, missing):
     import shutil

@@ -1,5 +1,5 @@
-"""DeiT's data-side pieces: RandAugment and random erasing in the loaders, repeated-augmentation sharding, and the
-mixup / cutmix / label-smoothing batch mixer."""
+"""DeiT's data-side pieces: RandAugment, random erasing and repeated augmentation in the loaders (its sharding:
+test_sharding.py), and the mixup / cutmix / label-smoothing batch mixer."""
 import numpy as np
 import pytest
 import torch
@@ -9,7 +9,6 @@ from test_data import CLASSES, _pixel_means, _write_tree
 import rankkd.data as data
 from conftest import DATA_BACKENDS, needs_dali
 from rankkd.data.mixing import make_batch_mixer
-from rankkd.data.sharding import train_batches_per_rank, train_epoch_indices
 
 
 
@@ -82,47 +81,6 @@ def test_random_erasing_erases_a_quarter_of_the_images_with_unit_noise(flat_tree
     assert 0.005 <= min(erased_area) and max(erased_area) <= 0.45
     noise = torch.cat(noise).double()
     assert abs(noise.mean()) < 0.1 and abs(noise.std() - 1) < 0.1
-
-
-def _deit_ra_indices(permutation, *, repeats, world_size, rank, num_selected):
-    """DeiT's RASampler dealing (samplers.py), given the epoch's permutation."""
-    indices = [int(i) for i in permutation for _ in range(repeats)]
-    total = -(-len(indices) // world_size) * world_size
-    indices += indices[:total - len(indices)]
-    return np.array(indices[rank:total:world_size][:num_selected])
-
-
-@pytest.mark.parametrize(("num_files", "batch_size", "world_size", "repeats"),
-                         [(1000, 8, 4, 3), (517, 5, 3, 3), (203, 4, 2, 3), (96, 4, 1, 2)])
-def test_repeated_augmentation_deals_copies_to_ranks(num_files, batch_size, world_size, repeats):
-    def indices(rank, epoch=0, seed=7):
-        return train_epoch_indices(num_files, batch_size=batch_size, seed=seed, epoch=epoch, rank=rank,
-                                   world_size=world_size, repeats=repeats)
-
-    per_rank = train_batches_per_rank(num_files, batch_size, world_size) * batch_size
-    shards = [indices(rank) for rank in range(world_size)]
-    assert all(len(shard) == per_rank for shard in shards)  # the epoch keeps its length
-    counts = np.bincount(np.concatenate(shards), minlength=num_files)
-    # Copies come in whole groups except the one the cut goes through.
-    assert set(counts.tolist()) <= {0, 1, 2, 3} and (counts == repeats).sum() >= (world_size * per_rank) // repeats
-    assert ((counts > 0) & (counts < repeats)).sum() <= 1
-    if world_size >= repeats:
-        for index in np.flatnonzero(counts):
-            assert sum(index in shard for shard in shards) == counts[index]  # every copy on its own rank
-    permutation = np.random.default_rng([7, 0]).permutation(num_files)
-    for rank, shard in enumerate(shards):
-        expected = _deit_ra_indices(permutation, repeats=repeats, world_size=world_size, rank=rank,
-                                    num_selected=per_rank)
-        assert np.array_equal(shard, expected)
-        assert np.array_equal(shard, indices(rank))  # deterministic
-    assert not np.array_equal(indices(0, epoch=1), shards[0]) and not np.array_equal(indices(0, seed=8), shards[0])
-
-
-def test_one_repeat_keeps_contiguous_slices():
-    permutation = np.random.default_rng([3, 2]).permutation(50)
-    for rank in range(2):
-        shard = train_epoch_indices(50, batch_size=4, seed=3, epoch=2, rank=rank, world_size=2)
-        assert np.array_equal(shard, permutation[rank * 24:(rank + 1) * 24])
 
 
 @pytest.mark.parametrize("backend", DATA_BACKENDS)

@@ -5,9 +5,9 @@ import torch.nn.functional as F
 
 pytest.importorskip("torchvision")
 
-from rankkd.detection.distill import DetectionDistiller, box_head_logits, teacher_images  # noqa: E402
+from rankkd.detection.distill import DetectionDistiller, box_head_logits, roi_logits, teacher_images  # noqa: E402
 from rankkd.detection.models import build_detector  # noqa: E402
-from rankkd.distill import DistillConfig  # noqa: E402
+from rankkd.distill import DistillConfig, distill_losses  # noqa: E402
 
 NUM_CLASSES = 4
 SMALL = dict(anchor_sizes=(8, 16, 32, 64, 128), fpn_channels=16, box_head_dim=32, rois_per_image=32,
@@ -33,18 +33,27 @@ def grads(module):
 
 
 def test_terms_sum_to_total_and_are_scalars():
-    distiller = DetectionDistiller(detector(), detector("demo_small", 1),
-                                   DistillConfig(method="dkd", dkd_beta=0.25, temperature=1.0, rank_weight=1.0))
-    distiller.train()
-    output, terms = distiller(*batch(), epoch=1.0)
+    student, teacher = detector(), detector("demo_small", 1)
+    config = DistillConfig(method="dkd", dkd_beta=0.25, temperature=1.0, rank_weight=1.0)
+    distiller = DetectionDistiller(student, teacher, config).train()
+    images, targets = batch()
+    torch.manual_seed(4)
+    output, terms = distiller(images, targets, epoch=1.0)
     assert output is None
     assert set(terms) == {"box_reg", "objectness", "rpn_box_reg", "ce", "dkd", "rank", "total"}
     assert all(value.dim() == 0 for value in terms.values())
     parts = sum(value for name, value in terms.items() if name != "total")
     torch.testing.assert_close(terms["total"], parts)
-    student_logits, teacher_logits, labels = distiller.last_logits
-    assert student_logits.shape == teacher_logits.shape == (labels.numel(), NUM_CLASSES)
-    assert not student_logits.requires_grad
+    # The distillation terms are distill_losses over roi_logits' sampled RoIs (the same RNG state samples the same).
+    torch.manual_seed(4)
+    rois = roi_logits(student, teacher, images, targets)
+    labels = torch.cat(rois.labels)
+    assert rois.student.shape == rois.teacher.shape == (labels.numel(), NUM_CLASSES)
+    assert rois.student.requires_grad and not rois.teacher.requires_grad
+    expected = distill_losses(rois.student, rois.teacher, labels, config, epoch=1.0)
+    for name in ("ce", "dkd", "rank"):
+        torch.testing.assert_close(terms[name], expected[name], msg=name)
+    torch.testing.assert_close(terms["objectness"], rois.rpn_losses["loss_objectness"])
 
 
 def test_distillation_gradients_reach_only_the_student_box_head_and_backbone():
@@ -79,8 +88,10 @@ def test_ce_term_is_torchvisions_classification_loss():
     torch.manual_seed(5)
     losses = student(images, targets)
     torch.testing.assert_close(terms["ce"], losses["loss_classifier"])
-    student_logits, _, labels = distiller.last_logits
-    torch.testing.assert_close(terms["ce"], F.cross_entropy(student_logits, labels))
+    torch.manual_seed(5)
+    rois = roi_logits(student, None, images, targets)
+    assert rois.teacher is None
+    torch.testing.assert_close(terms["ce"], F.cross_entropy(rois.student, torch.cat(rois.labels)))
 
 
 def test_ce_only_equals_plain_torchvision_training():
@@ -106,12 +117,10 @@ def test_ce_only_equals_plain_torchvision_training():
 
 
 def test_teacher_logits_come_from_its_own_features_at_the_student_proposals():
-    student, teacher = detector(), detector("demo_small", 1)
-    distiller = DetectionDistiller(student, teacher, DistillConfig(method="kd", temperature=1.0)).train()
+    student, teacher = detector().train(), detector("demo_small", 1).eval()
     images, targets = batch()
     torch.manual_seed(3)
-    distiller(images, targets)
-    _, teacher_logits, _ = distiller.last_logits
+    teacher_logits = roi_logits(student, teacher, images, targets).teacher
     # Redo the student's sampling from the same RNG state, then run the teacher's box head by hand.
     torch.manual_seed(3)
     image_list, targets = student.transform(images, targets)
@@ -121,6 +130,24 @@ def test_teacher_logits_come_from_its_own_features_at_the_student_proposals():
         expected, _ = box_head_logits(teacher, teacher.backbone(image_list.tensors), proposals,
                                       image_list.image_sizes)
     torch.testing.assert_close(teacher_logits, expected)
+
+
+def test_without_targets_the_rois_are_the_rpn_proposals():
+    student, teacher = detector().eval(), detector("demo_small", 1).eval()
+    teacher.transform.image_mean = [0.2, 0.5, 0.4]  # a teacher with its own normalisation
+    images, _ = batch()
+    rois = roi_logits(student, teacher, images)
+    assert rois.labels is None and rois.regression_targets is None and rois.rpn_losses == {}
+    with torch.no_grad():
+        image_list, _ = student.transform(images)
+        features = student.backbone(image_list.tensors)
+        proposals, _ = student.rpn(image_list, features)
+        expected_student, _ = box_head_logits(student, features, proposals, image_list.image_sizes)
+        expected_teacher, _ = box_head_logits(teacher, teacher.backbone(teacher.transform(images)[0].tensors),
+                                              proposals, image_list.image_sizes)
+    assert rois.student.shape == (sum(len(p) for p in proposals), NUM_CLASSES)
+    torch.testing.assert_close(rois.student, expected_student)
+    torch.testing.assert_close(rois.teacher, expected_teacher, rtol=1e-4, atol=1e-5)
 
 
 def test_refusals():
@@ -146,10 +173,9 @@ def test_a_teacher_with_its_own_normalisation_reads_the_students_batch_renormali
         torch.testing.assert_close(renormalised[index].double(), expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(renormalised, teacher.transform(images)[0].tensors, rtol=0, atol=1e-5)
 
-    distiller = DetectionDistiller(student, teacher, DistillConfig(method="kd", temperature=1.0)).train()
+    student.train(), teacher.eval()
     torch.manual_seed(3)
-    distiller(images, targets)
-    _, teacher_logits, _ = distiller.last_logits
+    teacher_logits = roi_logits(student, teacher, images, targets).teacher
     torch.manual_seed(3)
     image_list, targets = student.transform(images, targets)
     proposals, _ = student.rpn(image_list, student.backbone(image_list.tensors), targets)

@@ -124,6 +124,78 @@ def test_bad_input_names_the_argument():
     assert set(distill_losses(student, None, target, DistillConfig(method="ce"))) == {"ce", "total"}
 
 
+def sequence_batch(shape=(3, 5), classes=7):
+    """(*shape, C) float64 logits, class targets, and a mask keeping some rows and dropping others; the dropped rows'
+    targets are -100, as a language model's labels hold them."""
+    student = (3 * torch.randn(*shape, classes, dtype=torch.float64)).requires_grad_()
+    teacher = 3 * torch.randn(*shape, classes, dtype=torch.float64)
+    mask = torch.rand(shape) < 0.6
+    mask.view(-1)[:2] = torch.tensor([True, False])
+    target = torch.randint(0, classes, shape).masked_fill(~mask, -100)
+    return student, teacher, target, mask
+
+
+@pytest.mark.parametrize("method", ["ce", "kd", "dkd", "dist"])
+def test_leading_dims_are_rows_and_the_mask_leaves_rows_out(method):
+    student, teacher, target, mask = sequence_batch()
+    config = DistillConfig(method=method, ce_weight=0.7, kd_weight=1.3, temperature=2.0, dkd_beta=3.0,
+                           rank_weight=0.3, rank_topk=5)
+    terms = distill_losses(student, teacher, target, config, mask=mask)
+    # The reference: the kept rows alone, as a (rows, C) batch.
+    rows = student.detach()[mask].requires_grad_()
+    expected = distill_losses(rows, teacher[mask], target[mask], config)
+    assert set(terms) == set(expected)
+    for name in expected:
+        assert terms[name].item() == pytest.approx(expected[name].item(), rel=1e-12), name
+    terms["total"].backward()
+    expected["total"].backward()
+    torch.testing.assert_close(student.grad[mask], rows.grad, rtol=1e-12, atol=0)
+    assert torch.equal(student.grad[~mask], torch.zeros_like(student.grad[~mask]))
+    # Without a mask every position is a row.
+    unmasked = distill_losses(student, teacher, target.clamp(min=0), config)
+    flat = distill_losses(student.reshape(-1, 7), teacher.reshape(-1, 7), target.clamp(min=0).reshape(-1), config)
+    for name in flat:
+        assert unmasked[name].item() == pytest.approx(flat[name].item(), rel=1e-12), name
+
+
+def test_soft_targets_of_any_leading_shape():
+    student, teacher, _, mask = sequence_batch()
+    soft = torch.softmax(torch.randn(*mask.shape, 7, dtype=torch.float64), -1)
+    config = get_recipe("imagenet-kd-rank")
+    terms = distill_losses(student, teacher, soft, config, mask=mask)
+    expected = distill_losses(student[mask], teacher[mask], soft[mask], config)
+    for name in expected:
+        assert terms[name].item() == pytest.approx(expected[name].item(), rel=1e-12), name
+
+
+@pytest.mark.parametrize("method", ["ce", "dkd", "dist"])
+def test_a_mask_keeping_no_row_gives_zero_terms(method):
+    student, teacher, target, mask = sequence_batch()
+    config = DistillConfig(method=method, rank_weight=0.5)
+    terms = distill_losses(student, teacher, target, config, mask=torch.zeros_like(mask))
+    assert set(terms) == {"ce", method, "rank", "total"}  # the same terms as any other batch
+    assert all(value.dim() == 0 and value.item() == 0.0 for value in terms.values())
+    terms["total"].backward()
+    assert torch.equal(student.grad, torch.zeros_like(student))
+
+
+def test_bad_mask_and_leading_shapes_are_named():
+    student, teacher, target, mask = sequence_batch()
+    config = get_recipe("imagenet-kd-rank")
+    with pytest.raises(ValueError, match=r"mask must have .*\(3, 5\).* got \(3, 4\)"):
+        distill_losses(student, teacher, target, config, mask=mask[:, :4])
+    with pytest.raises(ValueError, match="mask must have"):
+        distill_losses(student, teacher, target, config, mask=mask.reshape(-1))
+    with pytest.raises(TypeError, match="mask must be a bool"):
+        distill_losses(student, teacher, target, config, mask=mask.long())
+    with pytest.raises(ValueError, match=r"target must have shape \(3, 5\)"):
+        distill_losses(student, teacher, target.reshape(-1), config, mask=mask)
+    with pytest.raises(ValueError, match="teacher shape"):  # the same rows, not merely as many
+        distill_losses(student, teacher.reshape(-1, 7), target, config, mask=mask)
+    with pytest.raises(ValueError, match="target holds class indices"):  # a dropped row's -100 is read without mask
+        distill_losses(student, teacher, target, config)
+
+
 # ---- config and recipes ----
 
 def test_config_rejects_bad_values_by_name():
@@ -291,6 +363,20 @@ def test_forward_runs_the_teacher_in_eval_under_no_grad():
         expected = distill_losses(student_logits, teacher(images), target, distiller.config)
     for name in terms:
         torch.testing.assert_close(terms[name], expected[name])
+
+
+def test_a_sequence_model_distills_every_kept_position():
+    torch.manual_seed(3)
+    student, teacher = nn.Linear(6, 7, dtype=torch.float64), nn.Linear(6, 7, dtype=torch.float64)
+    _, _, target, mask = sequence_batch()
+    inputs = torch.randn(*mask.shape, 6, dtype=torch.float64)
+    config = get_recipe("cifar100-dkd-res32x4_res8x4-rank")
+    logits, terms = Distiller(student, teacher, config)(inputs, target, epoch=4.0, mask=mask)
+    assert logits.shape == (*mask.shape, 7)
+    with torch.no_grad():
+        expected = distill_losses(student(inputs)[mask], teacher(inputs)[mask], target[mask], config, epoch=4.0)
+    for name in expected:
+        assert terms[name].item() == pytest.approx(expected[name].item(), rel=1e-12), name
 
 
 def test_plain_ce_skips_the_teacher():

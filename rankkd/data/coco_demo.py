@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from rankkd.data.demo import default_cache_dir
+from rankkd.data.demo import build_in_cache
 
 DEMO_CATEGORIES = ({"id": 1, "name": "rectangle"}, {"id": 3, "name": "ellipse"}, {"id": 7, "name": "triangle"})
 DEMO_IMAGE_SIZE = 128
@@ -74,26 +72,13 @@ def _write_split(folder, split, count, rng, first_id):
     (folder / "annotations" / f"instances_{split}.json").write_text(json.dumps(content))
 
 
+def _write_set(folder):
+    rng = np.random.default_rng(_SEED)
+    _write_split(folder, "train2017", DEMO_NUM_TRAIN, rng, first_id=1)
+    _write_split(folder, "val2017", DEMO_NUM_VAL, rng, first_id=DEMO_NUM_TRAIN + 1)
+
+
 def prepare_demo_coco(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The root of the demo set, generating it on first use under cache_dir ($RANKKD_CACHE, else
-    ~/.cache/rankkd). Written into a temporary folder beside its final place and renamed into place when complete:
-    an interrupted build leaves no partial set, and concurrent builders (several ranks) settle on one."""
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    root = cache / _DIR_NAME
-    if root.is_dir():
-        return root
-    cache.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{_DIR_NAME}.partial-", dir=cache))
-    try:
-        rng = np.random.default_rng(_SEED)
-        _write_split(staging, "train2017", DEMO_NUM_TRAIN, rng, first_id=1)
-        _write_split(staging, "val2017", DEMO_NUM_VAL, rng, first_id=DEMO_NUM_TRAIN + 1)
-        try:
-            staging.rename(root)
-        except OSError:
-            if not root.is_dir():  # not a lost race with another builder: a real failure
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return root
+    """The root of the demo set, generating it on first use (rankkd.data.demo.build_in_cache: under cache_dir, else
+    $RANKKD_CACHE, else ~/.cache/rankkd; an interrupted build leaves no partial set)."""
+    return build_in_cache(_DIR_NAME, _write_set, cache_dir)

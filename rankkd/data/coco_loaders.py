@@ -13,12 +13,14 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
 from rankkd.data import resolve_device, resolve_loader_backend
 from rankkd.data.coco import (MAX_SIZE, TEST_SIZE, TRAIN_SIZES, CocoDataset, CocoSplit, drop_empty_boxes, flip_boxes,
                               pass_samples, resized_shape, sample_augmentation)
 from rankkd.data.sharding import TrainShard, ValShard
+from rankkd.data.synthetic import RepeatedBatchLoader
+from rankkd.data.torchvision_loader import KeySampler, make_keyed_loader
 
 
 class _CocoImages(Dataset):
@@ -41,34 +43,16 @@ class _CocoImages(Dataset):
         shorter, flip = sample_augmentation(seed, self._sizes, self._flip)
         new_height, new_width = resized_shape(height, width, shorter, self._max_size)
         image = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
-        boxes = self._split.boxes[index] * np.array([new_width / width, new_height / height] * 2, dtype=np.float32)
-        boxes = np.clip(boxes, 0, [new_width, new_height, new_width, new_height]).astype(np.float32)
+        # Clipped in the image's own pixels, then scaled: a box lying just outside an edge stays empty and is dropped
+        # (scaled first, x = width could land a rounding error inside the image), as DALI's relative boxes do.
+        boxes = np.clip(self._split.boxes[index], 0, [width, height, width, height])
+        boxes = (boxes * np.array([new_width / width, new_height / height] * 2)).astype(np.float32)
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             boxes = flip_boxes(boxes, new_width)
         pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # uint8 CHW: 4x less to pass around
         boxes, labels = drop_empty_boxes(torch.from_numpy(boxes), torch.from_numpy(self._split.labels[index]))
         return pixels, boxes, labels, self._split.image_ids[index]
-
-
-class _Keys(Sampler):
-    """Yields the keys set for the current pass; the train loader refills it at the start of every epoch."""
-
-    def __init__(self, keys):
-        self.keys = keys
-
-    def __iter__(self):
-        return iter(self.keys)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
-def _data_loader(dataset, keys, *, batch_size, num_workers, device):
-    # Own generator: starting workers must not draw from the global one (the samples are seeded by their keys).
-    return DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=num_workers, collate_fn=list,
-                      pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
-                      generator=torch.Generator())
 
 
 def _images_to_device(samples, device):
@@ -85,9 +69,10 @@ class CocoTrainLoader(TrainShard):
                  flip: bool = True):
         super().__init__(len(split), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
         self._device = torch.device(device)
-        self._keys = _Keys([])
-        self._batches = _data_loader(_CocoImages(split, sizes, max_size, flip), self._keys, batch_size=batch_size,
-                                     num_workers=num_workers, device=self._device)
+        self._keys = KeySampler([])
+        self._batches = make_keyed_loader(_CocoImages(split, sizes, max_size, flip), self._keys,
+                                          batch_size=batch_size, num_workers=num_workers, device=self._device,
+                                          collate_fn=list)
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]:
         return self.batches_from(0)
@@ -115,9 +100,10 @@ class CocoValLoader(ValShard):
         super().__init__(len(split), batch_size=batch_size, rank=rank, world_size=world_size)
         self._device = torch.device(device)
         self.image_ids = [split.image_ids[i] for i in self.indices.tolist()]
-        self._batches = _data_loader(_CocoImages(split, (size,), max_size, flip=False),
-                                     _Keys([(i, None) for i in self.indices.tolist()]), batch_size=batch_size,
-                                     num_workers=num_workers, device=self._device)
+        self._batches = make_keyed_loader(_CocoImages(split, (size,), max_size, flip=False),
+                                          KeySampler([(i, None) for i in self.indices.tolist()]),
+                                          batch_size=batch_size, num_workers=num_workers, device=self._device,
+                                          collate_fn=list)
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], list[int]]]:
         for samples in self._batches:
@@ -148,33 +134,21 @@ def make_coco_loaders(dataset: CocoDataset, *, batch_size: int, val_batch_size: 
     return train, val
 
 
-class SyntheticDetectionLoader:
-    """Random device-resident images and boxes, the same batch `steps` times per pass: for timing the training step
-    without an input pipeline. The tensors are shared between steps; a step must not modify them in place."""
-
-    backend = "synthetic"
+class SyntheticDetectionLoader(RepeatedBatchLoader):
+    """Random device-resident images and boxes (rankkd.data.synthetic.RepeatedBatchLoader): for timing the training
+    step without an input pipeline. Images in [0, 1], boxes_per_image boxes each, at least 8 px a side where the image
+    allows, labels in [1, num_classes) (0 is the background)."""
 
     def __init__(self, *, batch_size: int, image_size: tuple[int, int], num_classes: int, steps: int,
                  device: torch.device, seed: int, boxes_per_image: int = 7):
         generator = torch.Generator().manual_seed(seed)
         height, width = image_size
-        self.images = [torch.rand((3, height, width), generator=generator).to(device) for _ in range(batch_size)]
-        self.targets = []
+        images = [torch.rand((3, height, width), generator=generator).to(device) for _ in range(batch_size)]
+        targets = []
         for _ in range(batch_size):
             corners = torch.rand((boxes_per_image, 2, 2), generator=generator) * torch.tensor([width, height])
             low, high = corners.min(dim=1).values, corners.max(dim=1).values + 8  # at least 8 px a side
             boxes = torch.cat([low, torch.minimum(high, torch.tensor([width, height]))], dim=1)
             labels = torch.randint(1, num_classes, (boxes_per_image,), generator=generator)
-            self.targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
-        self._steps = steps
-        self.num_samples = steps * batch_size
-
-    def set_epoch(self, epoch: int) -> None:
-        """Every pass is the same; accepted so that all loaders share one protocol."""
-
-    def __len__(self) -> int:
-        return self._steps
-
-    def __iter__(self):
-        for _ in range(self._steps):
-            yield self.images, self.targets
+            targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
+        super().__init__((images, targets), batch_size=batch_size, steps=steps)

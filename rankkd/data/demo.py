@@ -5,13 +5,16 @@ upscaled to DEMO_IMAGE_SIZE x DEMO_IMAGE_SIZE RGB (bicubic, the gray value copie
 saved as JPEG under <cache>/digits-32px-v1/{train,val}/<digit>/<index in load_digits>.jpg, with a stratified
 80/20 split under a fixed seed: 1437 train and 360 val images. Being an ordinary JPEG tree, it runs through the
 very same loaders as ImageNet does.
+
+build_in_cache writes every generated dataset into the cache (the COCO demo, rankkd.data.coco_demo, too).
 """
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+from rankkd.data.staging import build_folder
 
 DEMO_NUM_CLASSES = 10
 DEMO_IMAGE_SIZE = 32
@@ -23,6 +26,15 @@ _JPEG_QUALITY = 95
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("RANKKD_CACHE") or Path.home() / ".cache" / "rankkd").expanduser()
+
+
+def build_in_cache(name: str, write: Callable[[Path], None], cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder `name` in the cache (cache_dir, else $RANKKD_CACHE, else ~/.cache/rankkd), which write(folder)
+    fills on first use; later calls find it there and write nothing.
+
+    Built whole or not at all (rankkd.data.staging.build_folder)."""
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return build_folder(cache / name, write)
 
 
 def _write_tree(target: Path) -> None:
@@ -50,26 +62,6 @@ def _write_tree(target: Path) -> None:
 
 
 def prepare_demo(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Returns the root of the digits ImageFolder tree, building it on first use.
-
-    cache_dir defaults to $RANKKD_CACHE, else ~/.cache/rankkd. The tree is written into a temporary folder beside
-    its final place and renamed into place when complete, so an interrupted build never leaves a partial tree
-    (at most a hidden temporary folder), and concurrent builders (several DDP ranks) settle on one tree.
-    """
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    root = cache / _DEMO_DIR_NAME
-    if root.is_dir():
-        return root
-    cache.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{_DEMO_DIR_NAME}.partial-", dir=cache))
-    try:
-        _write_tree(staging)
-        try:
-            staging.rename(root)
-        except OSError:
-            if not root.is_dir():  # not a lost race with another builder: a real failure
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return root
+    """Returns the root of the digits ImageFolder tree, building it on first use (build_in_cache: cache_dir
+    defaults to $RANKKD_CACHE, else ~/.cache/rankkd; an interrupted build leaves no partial tree)."""
+    return build_in_cache(_DEMO_DIR_NAME, _write_tree, cache_dir)

@@ -52,8 +52,10 @@ class _ImageFiles(Dataset):
             return self._transform(image), self._listing.labels[index]
 
 
-class _Keys(Sampler):
-    """Yields the keys set for the current pass; the loader refills it at the start of every epoch."""
+class KeySampler(Sampler):
+    """Yields the keys set for the current pass, (sample index, augmentation seed or None) pairs: a train loader sets
+    `keys` at the start of every pass, and the dataset reads each sample's seed from its key, so workers started once
+    (persistent_workers) see every pass's seeds."""
 
     def __init__(self, keys: list[tuple[int, int | None]]):
         self.keys = keys
@@ -65,6 +67,18 @@ class _Keys(Sampler):
         return len(self.keys)
 
 
+def make_keyed_loader(dataset: Dataset, keys: KeySampler, *, batch_size: int, num_workers: int,
+                      device: torch.device, collate_fn, drop_last: bool = False) -> DataLoader:
+    """The DataLoader over `dataset` indexed by `keys` (KeySampler): batches decoded in num_workers worker processes
+    kept across passes, pinned for a CUDA device."""
+    # A generator of its own: without one, starting the workers would draw their base seed from the global generator,
+    # shifting the training's random streams (dropout, drop-path) by where a resumed run first iterates. The samples
+    # are seeded by their keys, so the workers' seeds do not matter.
+    return DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=num_workers, collate_fn=collate_fn,
+                      drop_last=drop_last, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+                      generator=torch.Generator())
+
+
 def _collate(samples: list[tuple[torch.Tensor, int]], *, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     images = [image for image, _ in samples]
     if channels_last:
@@ -73,17 +87,6 @@ def _collate(samples: list[tuple[torch.Tensor, int]], *, channels_last: bool) ->
     else:
         batch = torch.stack(images)
     return batch, torch.tensor([label for _, label in samples], dtype=torch.int64)
-
-
-def _make_loader(dataset: _ImageFiles, sampler: _Keys, *, batch_size: int, num_workers: int, device: torch.device,
-                 channels_last: bool, drop_last: bool) -> DataLoader:
-    # A generator of its own: without one, starting the workers would draw their base seed from the global generator,
-    # shifting the training's random streams (dropout, drop-path) by where a resumed run first iterates. The samples
-    # are seeded by their keys, so the workers' seeds do not matter.
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=partial(_collate, channels_last=channels_last), drop_last=drop_last,
-                      pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
-                      generator=torch.Generator())
 
 
 def _to_device(batches: DataLoader, device: torch.device, channels_last: bool
@@ -139,11 +142,11 @@ class TorchvisionTrainLoader(TrainShard):
                          repeats=repeats)
         self._device = device
         self._channels_last = channels_last
-        self._keys = _Keys([])
+        self._keys = KeySampler([])
         transform = transforms.Compose(augment + _normalize_transforms() + erase)
-        self._batches = _make_loader(_ImageFiles(listing, transform),
-                                     self._keys, batch_size=batch_size, num_workers=num_workers, device=device,
-                                     channels_last=channels_last, drop_last=True)
+        self._batches = make_keyed_loader(_ImageFiles(listing, transform), self._keys, batch_size=batch_size,
+                                          num_workers=num_workers, device=device,
+                                          collate_fn=partial(_collate, channels_last=channels_last), drop_last=True)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices = self.epoch_indices()
@@ -168,9 +171,10 @@ class TorchvisionValLoader(ValShard):
         transform = transforms.Compose([resize, transforms.CenterCrop(image_size)] + _normalize_transforms())
         self._device = device
         self._channels_last = channels_last
-        self._batches = _make_loader(_ImageFiles(listing, transform), _Keys([(i, None) for i in self.indices.tolist()]),
-                                     batch_size=batch_size, num_workers=num_workers, device=device,
-                                     channels_last=channels_last, drop_last=False)
+        self._batches = make_keyed_loader(_ImageFiles(listing, transform),
+                                          KeySampler([(i, None) for i in self.indices.tolist()]),
+                                          batch_size=batch_size, num_workers=num_workers, device=device,
+                                          collate_fn=partial(_collate, channels_last=channels_last))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return _to_device(self._batches, self._device, self._channels_last)

@@ -14,10 +14,12 @@ head, box predictor and backbone (FPN included), never the RPN head; the teacher
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from rankkd.distill import DistillConfig, distill_losses
+from rankkd.distill import DistillConfig, Distiller, distill_losses
 
 
 def _geometry(transform):
@@ -62,59 +64,64 @@ def box_head_logits(detector, features, proposals, image_sizes):
     return heads.box_predictor(heads.box_head(pooled))
 
 
-class DetectionDistiller(nn.Module):
+@dataclass(frozen=True)
+class RoILogits:
+    """Both box heads at the same RoIs of one batch (roi_logits)."""
+
+    student: torch.Tensor  # (RoIs, classes incl. background): the student's class logits
+    teacher: torch.Tensor | None  # the teacher's at the same RoIs, without gradient; None without a teacher
+    student_box_deltas: torch.Tensor  # the student's box regression, (RoIs, 4 * classes)
+    labels: list[torch.Tensor] | None  # with targets: the sampled RoIs' class labels, one tensor per image
+    regression_targets: list[torch.Tensor] | None  # with targets: their box regression targets, likewise
+    rpn_losses: dict[str, torch.Tensor]  # with targets: the student's RPN losses; {} without
+
+
+def roi_logits(student, teacher, images, targets=None) -> RoILogits:
+    """The student's and the teacher's box-head class logits at the same RoIs of `images` (a list of CHW images).
+
+    The student runs its transform, backbone and RPN; the RoIs are the proposals its RoI heads sample for training
+    when `targets` are given (the student in training mode), else its RPN's proposals. The teacher (None: not run)
+    reads the student's resized and padded batch in its own normalisation (teacher_images) through its own backbone
+    and box head, under no_grad."""
+    image_list, targets = student.transform(images, targets)
+    features = student.backbone(image_list.tensors)
+    proposals, rpn_losses = student.rpn(image_list, features, targets)
+    labels = regression_targets = None
+    if targets is not None:
+        proposals, _, labels, regression_targets = student.roi_heads.select_training_samples(proposals, targets)
+    student_logits, box_deltas = box_head_logits(student, features, proposals, image_list.image_sizes)
+    teacher_logits = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_features = teacher.backbone(teacher_images(student, teacher, image_list))
+            teacher_logits, _ = box_head_logits(teacher, teacher_features, proposals, image_list.image_sizes)
+    return RoILogits(student_logits, teacher_logits, box_deltas, labels, regression_targets, rpn_losses)
+
+
+class DetectionDistiller(Distiller):
     """A student detector, a frozen teacher detector (None for method "ce" without the ranking loss) and a
-    DistillConfig; both detectors are Faster R-CNNs from rankkd.detection.models.build_detector.
+    DistillConfig; both detectors are Faster R-CNNs from rankkd.detection.models.build_detector. The teacher is
+    frozen as the Distiller's is, and must resize and pad images as the student does.
 
     forward(images, targets, epoch=0.0) in training mode -> (None, terms): the student's box regression, objectness
-    and RPN box losses ("box_reg", "objectness", "rpn_box_reg"), then distill_losses' terms ("ce" = the
-    classification loss, weighted by config.ce_weight; "kd" / "dkd" / "dist"; "rank"), and "total", their sum; all
-    0-d tensors. After each step,
-    last_logits holds (student class logits detached, teacher class logits or None, sampled labels) for logging,
-    e.g. the student-teacher Kendall tau over RoIs. In eval mode forward(images) returns (student detections, {}).
-    The teacher stays in eval mode through train() and never gets a gradient (requires_grad off, no_grad)."""
+    and RPN box losses ("box_reg", "objectness", "rpn_box_reg"), then distill_losses' terms over roi_logits' sampled
+    RoIs ("ce" = the classification loss, weighted by config.ce_weight; "kd" / "dkd" / "dist"; "rank"), and "total",
+    their sum; all 0-d tensors. In eval mode forward(images) returns (student detections, {})."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, config: DistillConfig):
-        super().__init__()
-        if not isinstance(config, DistillConfig):
-            raise TypeError(f"config must be a DistillConfig, got {type(config).__name__}")
-        if teacher is None and config.uses_teacher:
-            raise ValueError(f"method {config.method!r} with rank_weight {config.rank_weight} needs a teacher, "
-                             "got None")
-        self.student, self.teacher, self.config = student, teacher, config
-        self.last_logits = None
         if teacher is not None:
             _check_same_geometry(student, teacher)
-            teacher.requires_grad_(False)
-            teacher.eval()
-
-    def train(self, mode=True):
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # its batch-norm statistics and RPN / RoI settings stay those of inference
-        return self
+        super().__init__(student, teacher, config)
 
     def forward(self, images, targets=None, epoch=0.0):
         if not self.training:
             return self.student(images), {}
-        student = self.student
-        image_list, targets = student.transform(images, targets)
-        features = student.backbone(image_list.tensors)
-        proposals, rpn_losses = student.rpn(image_list, features, targets)
-        proposals, _, labels, regression_targets = student.roi_heads.select_training_samples(proposals, targets)
-        class_logits, box_regression = box_head_logits(student, features, proposals, image_list.image_sizes)
-        loss_box_reg = student.roi_heads.box_loss(box_regression, labels, regression_targets)
-        labels = torch.cat(labels)
-        teacher_logits = None
-        if self.config.uses_teacher:
-            with torch.no_grad():
-                teacher_features = self.teacher.backbone(teacher_images(student, self.teacher, image_list))
-                teacher_logits, _ = box_head_logits(self.teacher, teacher_features, proposals,
-                                                    image_list.image_sizes)
-        distill = distill_losses(class_logits, teacher_logits, labels, self.config, epoch)
-        terms = {"box_reg": loss_box_reg, "objectness": rpn_losses["loss_objectness"],
-                 "rpn_box_reg": rpn_losses["loss_rpn_box_reg"]}
+        rois = roi_logits(self.student, self.teacher if self.config.uses_teacher else None, images, targets)
+        labels = torch.cat(rois.labels)
+        distill = distill_losses(rois.student, rois.teacher, labels, self.config, epoch)
+        terms = {"box_reg": self.student.roi_heads.box_loss(rois.student_box_deltas, rois.labels,
+                                                            rois.regression_targets),
+                 "objectness": rois.rpn_losses["loss_objectness"], "rpn_box_reg": rois.rpn_losses["loss_rpn_box_reg"]}
         terms |= {name: value for name, value in distill.items() if name != "total"}
         terms["total"] = sum(terms.values())
-        self.last_logits = (class_logits.detach(), teacher_logits, labels)
         return None, terms

@@ -10,7 +10,8 @@ import io
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from rankkd.distributed import all_gather_objects, broadcast_object
 
 METRIC_NAMES = ("box_ap", "box_ap50", "box_ap75", "box_ap_s", "box_ap_m", "box_ap_l")
 
@@ -64,23 +65,6 @@ def detections_to_rows(outputs, images, image_ids, coco_gt, label_to_category) -
     return torch.cat(rows).numpy() if rows else np.zeros((0, 7))
 
 
-def _gather_rows(rows):
-    """Every rank's detections, concatenated (a collective: all ranks call it)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return rows
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, rows)
-    return np.concatenate(gathered)
-
-
-def _broadcast(obj):
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
 @torch.no_grad()
 def evaluate_detector(student, teacher, loader, coco_gt, label_to_category, autocast, env) -> dict[str, float]:
     """Box AP of `student` (and of `teacher` unless None: its AP costs a second inference pass per batch) on the
@@ -103,7 +87,7 @@ def evaluate_detector(student, teacher, loader, coco_gt, label_to_category, auto
     student.train(was_training)
     metrics = {}
     for prefix, chunks in rows.items():
-        gathered = _gather_rows(np.concatenate(chunks) if chunks else np.zeros((0, 7)))
+        gathered = np.concatenate(all_gather_objects(np.concatenate(chunks) if chunks else np.zeros((0, 7))))
         result = coco_box_metrics(coco_gt, gathered) if env.rank == 0 else None
-        metrics |= {prefix + name: value for name, value in _broadcast(result).items()}
+        metrics |= {prefix + name: value for name, value in broadcast_object(result).items()}
     return metrics

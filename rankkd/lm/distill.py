@@ -3,13 +3,13 @@ LM-head loss (rankkd.fused_linear_distill_loss) against the teacher's top-K, whi
 run on the same batch (online) or with the batch itself, read from a dump of the teacher's top-K (offline). The
 (positions x vocabulary) logits of neither model are ever formed whole."""
 import torch
-from torch import nn
 
+from rankkd.distill import StudentTeacher
 from rankkd.fused_linear import FusedLinearDistillLoss, teacher_topk
 from rankkd.lm.models import final_hidden, lm_head
 
 
-class LMDistiller(nn.Module):
+class LMDistiller(StudentTeacher):
     """forward(inputs, targets, epoch) -> (None, {"total": loss}) for the run skeleton.
 
     inputs: {"input_ids": (batch, positions)} and, for offline distillation, "teacher_ids" and "teacher_logits"
@@ -18,18 +18,8 @@ class LMDistiller(nn.Module):
     """
 
     def __init__(self, student, teacher, loss: FusedLinearDistillLoss, top_k: int, chunk_size: int = 1024):
-        super().__init__()
-        self.student, self.teacher = student, teacher
+        super().__init__(student, teacher)
         self.loss, self.top_k, self.chunk_size = loss, top_k, chunk_size
-        if teacher is not None:
-            teacher.requires_grad_(False)
-            teacher.eval()
-
-    def train(self, mode=True):
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
 
     def teacher_topk(self, input_ids):
         """The frozen teacher's top-K token ids and logits at every position of `input_ids`."""

@@ -22,10 +22,8 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 import sysconfig
-import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -35,6 +33,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from rankkd.data.staging import build_folder
 
 SUFFIXES = (".txt", ".jsonl")
 END_OF_TEXT = "<|endoftext|>"
@@ -182,8 +182,8 @@ def train_demo_tokenizer(documents: Sequence[Document], folder: str | os.PathLik
         if stored is None and folder.exists():
             _refuse(f"tokenizer folder {str(folder)!r} exists and holds no tokenizer train_demo_tokenizer trained; "
                     "name a new folder")
-        _build_atomically(folder, lambda staging: _train_tokenizer(staging, documents, vocab_size, key),
-                          replace=lambda: _trained_tokenizer_key(folder) != key)
+        build_folder(folder, lambda staging: _train_tokenizer(staging, documents, vocab_size, key),
+                     replace=lambda: _trained_tokenizer_key(folder) != key)
     return load_tokenizer(folder)
 
 
@@ -274,9 +274,8 @@ def tokenize_documents(documents: Sequence[Document], tokenizer: PreTrainedToken
         _refuse(f"tokenize_documents: batch_documents must be >= 1, got {batch_documents}")
     key = _digest(f"tokens-{_CACHE_FORMAT}-{tokenizer_digest(tokenizer)}-{document_digest(documents)}".encode())
     folder = Path(cache_dir) / f"lm-tokens-{key[:24]}"
-    if not folder.is_dir():
-        _build_atomically(folder, lambda staging: _write_tokens(staging, documents, tokenizer, batch_documents, key))
-    return _read_tokens(folder)
+    return _read_tokens(build_folder(folder, lambda staging: _write_tokens(staging, documents, tokenizer,
+                                                                           batch_documents, key)))
 
 
 def _write_tokens(folder: Path, documents: Sequence[Document], tokenizer: PreTrainedTokenizerFast,
@@ -392,29 +391,3 @@ def _digest(content: bytes) -> str:
 
 def _unit_fraction(text: str) -> float:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") / 2.0 ** 64
-
-
-def _build_atomically(folder: Path, build: Callable[[Path], None],
-                      replace: Callable[[], bool] = lambda: False) -> None:
-    """build(staging) in a hidden temporary folder beside `folder`, its files flushed to disk, then renamed to
-    `folder`. An existing `folder` is kept unless replace() says otherwise (it is then set aside and removed); a
-    concurrent builder that got there first wins."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
-    try:
-        build(staging)
-        for file in staging.iterdir():
-            with open(file, "rb") as written:
-                os.fsync(written.fileno())
-        if folder.exists() and replace():
-            retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-            folder.rename(retired / folder.name)
-            shutil.rmtree(retired)
-        try:
-            staging.rename(folder)
-        except OSError:
-            if not folder.is_dir():  # not a lost race with another builder: a real failure
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
