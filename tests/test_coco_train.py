@@ -16,7 +16,7 @@ pytest.importorskip("pycocotools", reason="the COCO task evaluates with pycocoto
 
 from rankkd.data.coco_demo import prepare_demo_coco  # noqa: E402
 from rankkd.training.config import flat_settings  # noqa: E402
-from rankkd.training.run import main  # noqa: E402
+from rankkd.training.trainer import main  # noqa: E402
 from rankkd.tasks.coco import TASK, IterationLoader  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,7 +1,10 @@
-"""rankkd.training.config in-process: one frozen RunConfig from recipe + command line + device, every option checked by
-its own declaration, the method names shared by every trainer, and what makes two runs the same experiment."""
+"""rankkd.training.config in-process: one frozen RunConfig from recipe + command line + device, its parts typed by
+the options' declarations, every option checked by its own declaration, the method names shared by every trainer, and
+what makes two runs the same experiment."""
 import dataclasses
 import json
+import types
+import typing
 
 import pytest
 import torch
@@ -23,20 +26,61 @@ def test_the_config_is_frozen_in_parts_and_recorded_whole():
     cfg = resolve(IMAGENET, "--lr", "0.3", "--batch-size", "32")
     assert isinstance(cfg, RunConfig) and cfg.task == "imagenet" and cfg.recipe == "demo"
     assert (cfg.optim.lr, cfg.optim.batch_size, cfg.augment.hflip, cfg.data.image_size) == (0.3, 32, False, 32)
-    for part in (cfg, cfg.run, cfg.model, cfg.data, cfg.augment, cfg.optim, cfg.speed, cfg.loss):
+    for part in (cfg, cfg.job, cfg.model, cfg.data, cfg.augment, cfg.optim, cfg.speed, cfg.loss):
         with pytest.raises(dataclasses.FrozenInstanceError):
             part.__setattr__("seed", 1)
     saved = json.loads(json.dumps(record(cfg)))
+    assert list(saved) == ["task", "recipe", "loss_recipe", "job", "model", "data", "optim", "speed", "augment", "loss"]
     flat = flat_settings(saved)
     assert flat["lr"] == 0.3 and flat["rank_weight"] == 1.0 and flat["milestones"] == [30, 60, 90]
-    # A record from before the settings had parts is already flat, and reads the same.
+    # A record from before the settings had parts is already flat, and reads the same; so does one whose job part was
+    # still called "run".
     assert flat_settings(flat) == flat
+    earlier = {("run" if key == "job" else key): value for key, value in saved.items()}
+    assert flat_settings(earlier) == flat
+
+
+def _holds(value, kind):
+    """isinstance for the field types of the settings: unions, tuple[X, ...], and an int where a float is declared."""
+    if isinstance(kind, types.UnionType):
+        return any(_holds(value, member) for member in typing.get_args(kind))
+    if typing.get_origin(kind) is tuple:
+        return isinstance(value, tuple) and all(_holds(item, typing.get_args(kind)[0]) for item in value)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+@pytest.mark.parametrize("argv", [[], ["--data", "synthetic"]])
+def test_each_part_is_typed_by_its_options_and_holds_values_of_those_types(argv):
+    from rankkd.tasks.coco import TASK as COCO
+
+    for task in (IMAGENET, CIFAR, COCO):
+        cfg = resolve(task, *argv)
+        declared = {option.name: option for option in task.options}
+        for part in dataclasses.fields(cfg):
+            if part.name in ("task", "recipe", "loss_recipe", "loss"):
+                continue
+            for field in dataclasses.fields(getattr(cfg, part.name)):
+                option = declared[field.name]
+                assert option.section == part.name, (task.name, field.name)
+                value = getattr(getattr(cfg, part.name), field.name)
+                assert _holds(value, field.type), (task.name, field.name, field.type, value)
+                assert (value is None) <= option.optional, (task.name, field.name)
+    cfg, coco = resolve(IMAGENET), resolve(COCO)
+    types_of = {field.name: field.type for part in (cfg.job, cfg.model, cfg.optim, cfg.speed, cfg.augment)
+                for field in dataclasses.fields(part)}
+    assert (types_of["seed"], types_of["lr"], types_of["nesterov"], types_of["milestones"]) == (
+        int, float, bool, tuple[int | float, ...])
+    assert (types_of["resume"], types_of["teacher"], types_of["channels_last"]) == (str | None, str | None, bool)
+    assert {field.name: field.type for field in dataclasses.fields(coco.augment)} == {
+        "train_sizes": tuple[int, ...], "hflip": bool}
 
 
 def test_what_the_processes_and_device_decide():
     cfg = resolve(IMAGENET, "--global-batch-size", "256", "--lr", "0.1", "--lr-reference-batch", "64",
                   env=DistEnv(0, 0, 4, torch.device("cpu")))
-    assert (cfg.optim.batch_size, cfg.optim.global_batch_size, cfg.run.world_size) == (64, 256, 4)
+    assert (cfg.optim.batch_size, cfg.optim.global_batch_size, cfg.job.world_size) == (64, 256, 4)
     assert cfg.optim.scaled_lr == pytest.approx(0.4)
     assert (cfg.speed.precision, cfg.speed.compile) == ("off", False)  # the CPU's defaults
     with pytest.raises(ValueError, match="--global-batch-size 100 does not split evenly over 3 processes"):

@@ -93,11 +93,11 @@ def test_teacher_recipe_trains_the_pairs_teacher_on_the_3x_schedule():
         assert (cfg.model.student, cfg.model.teacher, cfg.loss.method, cfg.loss.rank_weight) == (teacher, None, "ce", 0)
         # detectron2's 3x: 270k iterations at 16 images, x0.1 at 210k and 250k = 540k, 420k, 500k at 8.
         iterations = cfg.data.iters_per_epoch * cfg.optim.global_batch_size / 16  # in iterations of 16 images
-        assert (cfg.run.epochs * iterations, tuple(m * iterations for m in cfg.optim.milestones)) == (
+        assert (cfg.job.epochs * iterations, tuple(m * iterations for m in cfg.optim.milestones)) == (
             270_000, (210_000, 250_000))
     cfg = resolve("--pair", "r101_r18", "--batch-size", "1")
     iterations = cfg.data.iters_per_epoch * cfg.optim.global_batch_size / 16  # in iterations of 16 images
-    assert (cfg.run.epochs * iterations, cfg.model.student) == (90_000, "resnet18")  # 1x, the students'
+    assert (cfg.job.epochs * iterations, cfg.model.student) == (90_000, "resnet18")  # 1x, the students'
 
 
 def test_teacher_from_a_trainer_checkpoint(tmp_path):

@@ -1,4 +1,4 @@
-"""rankkd.training.run: the run skeleton every task shares, called in-process on a tiny CIFAR-format folder. A run is
+"""rankkd.training.trainer: the trainer every task shares, called in-process on a tiny CIFAR-format folder. A run is
 identified by its settings, refuses to mix another experiment into its folder, survives a full disk and a cut-short
 metrics line, and ends on Ctrl-C with one line saying how to continue."""
 import errno
@@ -19,7 +19,7 @@ from rankkd.training import loop
 from rankkd.training.checkpoint import load_checkpoint
 from rankkd.training.config import make_parser, resolve_config
 from rankkd.distributed import init_distributed
-from rankkd.training.run import main
+from rankkd.training.trainer import main
 from rankkd.tasks.cifar100 import TASK
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,11 +137,11 @@ def test_an_unreadable_config_json_is_never_adopted(data, tmp_path, monkeypatch,
     run(data, "--epochs", "1")
     (first,) = Path("runs").iterdir()
     args = make_parser(TASK).parse_args(["--data", data, *TINY, "--resume", "auto"])
-    assert resolve_config(TASK, args, init_distributed("cpu")).run.out == str(first)  # readable: adopted
+    assert resolve_config(TASK, args, init_distributed("cpu")).job.out == str(first)  # readable: adopted
     for contents in ('{"seed": 0, "batch', "", "{}", "[1, 2]", '{"notes": "mine"}', "[" * 100_000):
         (first / "config.json").write_text(contents)
         capsys.readouterr()
-        out = resolve_config(TASK, args, init_distributed("cpu")).run.out
+        out = resolve_config(TASK, args, init_distributed("cpu")).job.out
         assert Path(out) != first and Path(out).parent == first.parent, contents
         assert f"no run under runs/ has these settings (the newest like it: {first})" in capsys.readouterr().out
 
@@ -151,11 +151,11 @@ def test_a_new_run_never_takes_an_existing_folder(data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(time, "strftime", lambda _format: "20261207-120000")
     args = make_parser(TASK).parse_args(["--data", data, *TINY])
-    first = resolve_config(TASK, args, init_distributed("cpu")).run.out
+    first = resolve_config(TASK, args, init_distributed("cpu")).job.out
     Path(first).mkdir(parents=True)
-    second = resolve_config(TASK, args, init_distributed("cpu")).run.out
+    second = resolve_config(TASK, args, init_distributed("cpu")).job.out
     Path(second).mkdir()
-    third = resolve_config(TASK, args, init_distributed("cpu")).run.out
+    third = resolve_config(TASK, args, init_distributed("cpu")).job.out
     assert (second, third) == (f"{first}-2", f"{first}-3")
 
 
@@ -226,3 +226,31 @@ def test_a_checkpoint_with_the_earlier_flat_settings_resumes_or_is_refused_by_na
     assert "holds a run with other settings (--seed 0 -> 3)" in error
     run(data, "--out", str(out), "--resume", "auto")
     assert [record["epoch"] for record in records(out)] == [1, 2]
+
+
+def _as_written_before_the_job_part(record):
+    """A record() as runs wrote it before the job's part had its name: that part called "run", and an "augment" part
+    in every task (empty for CIFAR-100)."""
+    parts = {("run" if key == "job" else key): value for key, value in record.items()}
+    order = ("task", "recipe", "loss_recipe", "run", "model", "data", "augment", "optim", "speed", "loss")
+    return {key: parts.get(key, {}) for key in order}
+
+
+def test_a_run_written_before_the_job_part_had_its_name_resumes_or_is_refused_by_name(data, tmp_path, monkeypatch,
+                                                                                       capsys):
+    monkeypatch.chdir(tmp_path)
+    run(data, "--epochs", "1")
+    (out,) = Path("runs").iterdir()
+    state = torch.load(out / "last.pt", weights_only=True)
+    state["config"] = _as_written_before_the_job_part(state["config"])
+    torch.save(state, out / "last.pt")
+    earlier = _as_written_before_the_job_part(json.loads((out / "config.json").read_text()))
+    (out / "config.json").write_text(json.dumps(earlier, indent=2))
+    # The seed is one of the job part's settings: read from the part of its earlier name, it tells the runs apart.
+    error = refused(capsys, "--data", data, *TINY, "--out", str(out), "--resume", "auto", "--seed", "3")
+    assert "holds a run with other settings (--seed 0 -> 3)" in error
+    run(data, "--epochs", "1", "--seed", "3", "--resume", "auto")  # without --out: another experiment's folder
+    assert len(list(Path("runs").iterdir())) == 2 and len(records(out)) == 1
+    run(data, "--resume", "auto")  # the same experiment's folder, continued
+    assert [record["epoch"] for record in records(out)] == [1, 2]
+    assert "job" in json.loads((out / "config.json").read_text())  # rewritten at the start, in today's form

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,10 +20,11 @@ from rankkd.data import synthetic_loader
 from rankkd.training.checkpoint import save_checkpoint
 from rankkd.training.config import flat_settings, make_parser, resolve_config
 from rankkd.distributed import DistEnv
-from rankkd.training.loop import train_epoch
+from rankkd.training.loop import Run, TrainingState, no_best, train_epoch
 from rankkd.training.optim import learning_rate
-from rankkd.training.run import main
+from rankkd.training.trainer import main
 from rankkd.tasks.imagenet import TASK
+from rankkd.training.task import TaskData
 from rankkd.training.teacher_cache import teacher_cache_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def test_two_process_torchrun_keeps_ranks_identical(cache, tmp_path):
     wrapper = tmp_path / "save_each_rank.py"
     wrapper.write_text(
         "import os, sys, torch\n"
-        "from rankkd.training.run import main\n"
+        "from rankkd.training.trainer import main\n"
         "from rankkd.tasks.imagenet import TASK\n"
         "summary = main(TASK, sys.argv[3:])\n"
         "torch.save(summary['student'].state_dict(), os.path.join(sys.argv[2], f\"rank{os.environ['RANK']}.pt\"))\n")
@@ -379,23 +379,25 @@ def test_resume_continues_the_random_streams(cache, tmp_path):
 
 def test_dkd_warm_up_sees_epochs_counted_from_one(tmp_path):
     # mdistiller's trainer counts epochs from 1, so its DKD warm-up gives epoch e the factor min(e / warm-up, 1).
-    weight = torch.nn.Parameter(torch.ones(()))
+    student = torch.nn.Linear(1, 1, bias=False)
     seen = []
 
     def forward(images, labels, epoch):
         seen.append(float(epoch))
-        loss = weight * images.mean()
+        loss = student.weight.sum() * images.mean()
         return None, {"ce": loss, "total": loss}
 
     env = DistEnv(0, 0, 1, torch.device("cpu"))
     args = make_parser(TASK).parse_args(["--epochs", "3", "--log-every", "2", "--lr", "0.1", "--lr-reference-batch",
                                          "4", "--batch-size", "4", "--out", str(tmp_path)])
     cfg = resolve_config(TASK, args, env)
-    loaders = SimpleNamespace(train=synthetic_loader(batch_size=4, image_size=8, num_classes=3, steps=2, device="cpu"))
-    run = SimpleNamespace(cfg=cfg, loaders=loaders, mixer=None, out=tmp_path)
-    training = SimpleNamespace(train_forward=forward, optimizer=torch.optim.SGD([weight], lr=0.1),
-                               scaler=torch.amp.GradScaler("cpu", enabled=False), autocast=contextlib.nullcontext,
-                               epoch_tensor=torch.zeros(()))
+    data = TaskData(train=synthetic_loader(batch_size=4, image_size=8, num_classes=3, steps=2, device="cpu"), val=None,
+                    num_classes=3, backend="synthetic")
+    run = Run(task=TASK, cfg=cfg, out=tmp_path, lock=None, resume_state=None, data=data, student=student, teacher=None)
+    training = TrainingState(student=student, train_forward=forward, eval_student=student, eval_teacher=None,
+                             optimizer=torch.optim.SGD(student.parameters(), lr=0.1),
+                             scaler=torch.amp.GradScaler("cpu", enabled=False), autocast=contextlib.nullcontext,
+                             epoch_tensor=torch.zeros(()), start_epoch=0, best=no_best(TASK), last_record={})
     for epoch in range(3):
         train_epoch(epoch, run, env, training)
     assert seen == [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]

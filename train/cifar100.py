@@ -5,14 +5,14 @@
         --teacher-weights cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth
 
 `python train/cifar100.py --help` lists every option. The task (pairs, recipes, data, models) is
-rankkd/tasks/cifar100.py; the run skeleton every task shares is rankkd/training/run.py.
+rankkd/tasks/cifar100.py; the trainer every task shares is rankkd/training/trainer.py.
 """
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without installing rankkd
 
-from rankkd.training.run import main  # noqa: E402
+from rankkd.training.trainer import main  # noqa: E402
 from rankkd.tasks.cifar100 import TASK  # noqa: E402
 
 if __name__ == "__main__":

@@ -235,7 +235,7 @@ def check_and_plan(args):
         launchers.import_submitit()
     check_writable(args.out, "--out")
     check_grid_record(args.out, grid)
-    check_run_lengths(args.out, cells, {cell: configs[cell].run.epochs for cell in cells})
+    check_run_lengths(args.out, cells, {cell: configs[cell].job.epochs for cell in cells})
     return cells, configs, placement, grid, executor
 
 
@@ -260,7 +260,7 @@ def main(argv=None):
         print(f"cifar100_table.py: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
     commands = {cell: [sys.executable, str(TRAINER), *trainer_argv(cell, args)] for cell in cells}
-    epochs = {cell: configs[cell].run.epochs for cell in cells}
+    epochs = {cell: configs[cell].job.epochs for cell in cells}
     if args.progress:
         return launchers.print_progress(args.out, epochs, grid)
     axes = f"{len({cell.pair for cell in cells})} pair(s) x {len(args.methods)} method(s) x {len(args.seeds)} seed(s)"

@@ -11,7 +11,7 @@ its released teachers (cifar_teachers.tar) load as they are. The data set lives 
 cropped, flipped and normalized there (rankkd.data.cifar): no loader processes, no host copy per step.
 
 This module is the CIFAR-100 task: its pairs and recipes (mdistiller's solver), options, checks, data and models.
-The run itself is rankkd.training.run's, shared with the other tasks.
+The run itself is rankkd.training.trainer's, shared with the other tasks.
 """
 from pathlib import Path
 
@@ -19,11 +19,11 @@ from rankkd import recipes
 from rankkd.distill import DistillConfig
 from rankkd.models import cifar as cifar_zoo
 from rankkd.recipes import CIFAR100_PAIRS
-from rankkd.training.config import Option, split_method
+from rankkd.training.config import Option
 from rankkd.data.cifar import demo_arrays, load_cifar100, make_device_loaders, synthetic_arrays
 from rankkd.data.demo import default_cache_dir
+from rankkd.tasks.images import IMAGE_OPTIONS, ClassificationTask, task_data
 from rankkd.training.run_folder import check_writable
-from rankkd.training.task import ClassificationTask
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Recipes. A pair (rankkd.recipes.CIFAR100_PAIRS, by mdistiller's config stem) picks the models, the lr and the loss.
@@ -59,11 +59,12 @@ OPTIONS = (
     Option("data", "data", group="run", default="demo",
            help="the cifar-100-python folder (or its parent, or cifar-100-python.tar.gz), 'demo' (the embedded digits "
                 "set) or 'synthetic' (random images of CIFAR's size: times the step)"),
-    Option("steps_per_epoch", "data", type=int, low=1, group="run",
+    Option("steps_per_epoch", "data", type=int, low=1, group="run", optional=True,
            help="--data synthetic: steps per epoch (default: CIFAR-100's 50,000 images)"),
-    Option("pair", "model", group="run", choices=tuple(CIFAR100_PAIRS),
+    Option("pair", "model", group="run", choices=tuple(CIFAR100_PAIRS), optional=True,
            help="teacher -> student pair by mdistiller's config name; picks the models, the lr and the loss recipe "
                 "(default res32x4_res8x4; the demo has its own pair)"),
+    *IMAGE_OPTIONS,
 )
 
 
@@ -81,7 +82,7 @@ class Cifar100Task(ClassificationTask):
         pair = args.pair or recipe["pair"]
         if pair is not None:
             teacher, student = CIFAR100_PAIRS[pair]
-            method, with_rank = split_method(args.method or "kd+rank")
+            method, with_rank = self.split_method(args.method or "kd+rank")
             # The pair's published loss for the method, with the ranking loss at gamma = alpha for method+rank.
             loss = (DistillConfig(method="ce", rank_weight=1.0 if with_rank else 0.0) if method == "ce"
                     else recipes.cifar100_recipe_name(pair, method, standardize=bool(args.standardize),
@@ -113,11 +114,12 @@ class Cifar100Task(ClassificationTask):
             sizes = {} if data.steps_per_epoch is None else {
                 "num_train": data.steps_per_epoch * optim.global_batch_size,
                 "num_val": data.steps_per_epoch * optim.global_batch_size // 5}
-            arrays = synthetic_arrays(seed=cfg.run.seed, **sizes)
+            arrays = synthetic_arrays(seed=cfg.job.seed, **sizes)
         else:
             arrays = load_cifar100(data.data)
-        return make_device_loaders(arrays, batch_size=optim.batch_size, device=env.device, rank=env.rank,
-                                   world_size=env.world_size, seed=cfg.run.seed, channels_last=cfg.speed.channels_last)
+        return task_data(make_device_loaders(arrays, batch_size=optim.batch_size, device=env.device, rank=env.rank,
+                                             world_size=env.world_size, seed=cfg.job.seed,
+                                             channels_last=cfg.speed.channels_last))
 
 
 TASK = Cifar100Task()

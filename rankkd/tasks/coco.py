@@ -16,26 +16,26 @@ AP) and checkpointed: detectron2's 1x schedule at batch 8 (180k iterations) is 3
 0.2 epoch (1000 iterations).
 
 This module is the COCO task: its pairs and recipes, options, checks, data, detectors, training forward and
-evaluation. The run itself is rankkd.training.run's, shared with the other tasks.
+evaluation. The run itself is rankkd.training.trainer's, shared with the other tasks.
 """
 import argparse
 import math
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from rankkd.detection import zoo as detection_zoo
 from rankkd.distill import DistillConfig
 from rankkd.recipes import COCO_PAIRS, COCO_SCHEDULES
-from rankkd.training.config import Option, split_method
+from rankkd.training.config import Option
 from rankkd.data import LOADER_BACKENDS
 from rankkd.data.demo import default_cache_dir
 from rankkd.distributed import all_reduce_sum
 from rankkd.training.metrics import kendall_tau
+from rankkd.tasks.images import IMAGE_OPTIONS, ImageTask
 from rankkd.training.run_folder import check_writable
-from rankkd.training.task import Task
+from rankkd.training.task import TaskData
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Recipes.
@@ -73,7 +73,7 @@ RECIPES["demo-teacher"] = {**RECIPES["demo"], "pair": None, "student": "demo_sma
                            "loss": DistillConfig(method="ce"), "iters_per_epoch": 150}
 
 
-def size_list(text):
+def size_list(text) -> tuple[int, ...]:
     try:
         sizes = tuple(int(size) for size in text.split(","))
     except ValueError:
@@ -83,36 +83,34 @@ def size_list(text):
     return sizes
 
 
-def _data(name, **spec):
-    return Option(name, "data", **spec)
-
 
 OPTIONS = (
-    _data("data", default="demo", group="run",
+    Option("data", "data", default="demo", group="run",
           help="a COCO 2017 root (train2017/, val2017/, annotations/instances_{train,val}2017.json), 'demo' (generated "
                "shapes in COCO format) or 'synthetic' (random device-resident images and boxes: times the step)"),
     Option("recipe", "selection", group="run", choices=("coco", "coco-teacher-3x", "demo"),
            help="starting point for every setting below; default: demo for --data demo, else coco; "
                 "coco-teacher-3x trains the pair's teacher on detectron2's 3x schedule"),
-    Option("pair", "model", group="run", choices=tuple(COCO_PAIRS),
+    Option("pair", "model", group="run", choices=tuple(COCO_PAIRS), optional=True,
            help="teacher -> student backbones (mdistiller's detection pairs; default r101_r18, the demo its own)"),
-    Option("student_weights", "model", group="recipe",
+    Option("student_weights", "model", group="recipe", optional=True,
            help="the student backbone's ImageNet weights: 'imagenet' (torchvision's), a classification state_dict "
                 "file, a torchvision weights name, or 'none' (random init)"),
-    _data("workers", type=int, low=0, default=2, group="run",
+    Option("workers", "data", type=int, low=0, default=2, group="run",
           help="per process: DALI's CPU threads (at least 1) or the torchvision loader's worker processes (default 2)"),
-    _data("data_backend", default="auto", choices=LOADER_BACKENDS, group="run",
+    Option("data_backend", "data", default="auto", choices=LOADER_BACKENDS, group="run",
           help="dali (DALI's COCO reader, decoding on the GPU), torchvision (PIL in worker processes) or auto: DALI "
                "when nvidia-dali is installed"),
-    _data("iters_per_epoch", type=int, low=1, group="recipe",
+    Option("iters_per_epoch", "data", type=int, low=1, group="recipe",
           help="iterations per epoch: evaluation and checkpoint after each (synthetic data: the steps of an epoch)"),
-    _data("test_size", type=int, low=16, group="recipe", help="val: shorter side (detectron2: 800)"),
-    _data("max_size", type=int, low=16, group="recipe", help="longer side at most (detectron2: 1333)"),
+    Option("test_size", "data", type=int, low=16, group="recipe", help="val: shorter side (detectron2: 800)"),
+    Option("max_size", "data", type=int, low=16, group="recipe", help="longer side at most (detectron2: 1333)"),
     Option("train_sizes", "augment", type=size_list, group="recipe",
            help="train: shorter side drawn from these per image, e.g. 640,672,704,736,768,800"),
     Option("hflip", "augment", type=bool, group="recipe", help="random horizontal flip, boxes moved with the image"),
-    Option("teacher_ap", "run", type=bool, default=True, identity=False, group="run",
+    Option("teacher_ap", "job", type=bool, default=True, identity=False, group="run",
            help="also report the teacher's box AP (once per run: it is frozen)"),
+    *IMAGE_OPTIONS,
 )
 
 
@@ -120,7 +118,7 @@ OPTIONS = (
 DETECTION_METHODS = ("none", "kd", "kd+rank", "dkd", "dkd+rank")
 
 
-class CocoTask(Task):
+class CocoTask(ImageTask):
     name = "coco"
     description = __doc__.split("\n\n")[0]
     zoo = detection_zoo
@@ -135,7 +133,11 @@ class CocoTask(Task):
                        ("AP75", "box_ap75", "teacher_box_ap75"))
 
     def __init__(self):
+        super().__init__()
         self._teacher_metrics = {}  # id(teacher) -> its box AP: the teacher is frozen, one evaluation is enough
+
+    def split_method(self, method):
+        return ("ce", False) if method == "none" else super().split_method(method)  # none: no distillation
 
     def recipe(self, args, name=None):
         name = name or args.recipe or ("demo" if args.data == "demo" else "coco")
@@ -147,7 +149,7 @@ class CocoTask(Task):
             if name in TEACHER_RECIPES:
                 recipe.update(teacher=None, student=teacher)
         if args.method is not None and name == "coco":  # the method's published detection loss
-            method, with_rank = split_method(args.method)
+            method, with_rank = self.split_method(args.method)
             recipe["loss"] = (DistillConfig(method="ce") if method == "ce"
                               else f"coco-{method}{'-rank' if with_rank else ''}")
         if args.data == "synthetic":
@@ -178,9 +180,8 @@ class CocoTask(Task):
         if data.data == "synthetic":
             common = dict(batch_size=cfg.optim.batch_size, image_size=(data.test_size, data.test_size),
                           num_classes=81, device=env.device)
-            return SimpleNamespace(train=SyntheticDetectionLoader(steps=data.iters_per_epoch, seed=cfg.run.seed,
-                                                                  **common),
-                                   val=None, num_classes=81, backend="synthetic")
+            return TaskData(train=SyntheticDetectionLoader(steps=data.iters_per_epoch, seed=cfg.job.seed, **common),
+                            val=None, num_classes=81, backend="synthetic")
         root = data.data
         if root == "demo":
             root = prepare_demo_coco(check_writable(default_cache_dir(), "the cache folder ($RANKKD_CACHE)"))
@@ -189,12 +190,12 @@ class CocoTask(Task):
             print(dataset.train.left_out_note(), file=sys.stderr, flush=True)
         train, val = make_coco_loaders(
             dataset, batch_size=cfg.optim.batch_size, val_batch_size=cfg.optim.batch_size, rank=env.rank,
-            world_size=env.world_size, device=env.device, seed=cfg.run.seed, num_workers=data.workers,
+            world_size=env.world_size, device=env.device, seed=cfg.job.seed, num_workers=data.workers,
             backend=data.data_backend, train_sizes=cfg.augment.train_sizes, test_size=data.test_size,
             max_size=data.max_size)
         val.coco_gt, val.label_to_category = load_coco_gt(dataset.val.annotation_file), dataset.label_to_category
-        return SimpleNamespace(train=IterationLoader(train, data.iters_per_epoch), val=val,
-                               num_classes=dataset.num_classes, backend=train.backend)
+        return TaskData(train=IterationLoader(train, data.iters_per_epoch), val=val, num_classes=dataset.num_classes,
+                        backend=train.backend)
 
     def build_student(self, cfg, num_classes):
         return self.zoo.build_model(cfg.model.student, num_classes, cfg.model.student_weights)
@@ -219,7 +220,7 @@ class CocoTask(Task):
         if loader is None:  # synthetic data: nothing to score against
             return {name: math.nan for name in METRIC_NAMES} | {"val_tau": None}
         known = self._teacher_metrics.get(id(teacher)) if teacher is not None else None
-        score_teacher = teacher if teacher is not None and cfg.run.teacher_ap and known is None else None
+        score_teacher = teacher if teacher is not None and cfg.job.teacher_ap and known is None else None
         metrics = evaluate_detector(student, score_teacher, loader, loader.coco_gt, loader.label_to_category,
                                     autocast, env)
         if score_teacher is not None:
@@ -237,7 +238,7 @@ class IterationLoader:
     def __init__(self, passes, steps):
         if len(passes) == 0:
             raise ValueError("the training set has fewer images than one batch per process")
-        self.passes, self.steps, self.backend = passes, steps, passes.backend
+        self.passes, self.steps = passes, steps
         self.epoch = 0
 
     def set_epoch(self, epoch):
@@ -261,18 +262,13 @@ class IterationLoader:
 def roi_tau(student, teacher, loader, autocast, env):
     """Mean Kendall tau-b between the student's and the teacher's box-head class logits at the student's proposals
     on the validation images: how well the student ranks the classes as its teacher does, per RoI."""
-    from rankkd.detection.distill import box_head_logits, teacher_images
+    from rankkd.detection.distill import roi_logits
 
     sums = torch.zeros(2, dtype=torch.float64, device=env.device)
     for images, _ in loader:
         with autocast():
-            image_list, _ = student.transform(images)
-            features = student.backbone(image_list.tensors)
-            proposals, _ = student.rpn(image_list, features)
-            student_logits, _ = box_head_logits(student, features, proposals, image_list.image_sizes)
-            teacher_features = teacher.backbone(teacher_images(student, teacher, image_list))
-            teacher_logits, _ = box_head_logits(teacher, teacher_features, proposals, image_list.image_sizes)
-        tau = kendall_tau(student_logits.float(), teacher_logits.float())
+            rois = roi_logits(student, teacher, images)
+        tau = kendall_tau(rois.student.float(), rois.teacher.float())
         sums[0] += tau.nansum()
         sums[1] += tau.isfinite().sum()
     tau_sum, rows = all_reduce_sum(sums).tolist()

@@ -12,24 +12,25 @@ Defaults that depend on the device: on CUDA, bf16 autocast and torch.compile are
 (compiling costs more than it saves in a short CPU run; turn them on with --precision bf16 --compile).
 
 This module is the ImageNet task: its recipes, options, checks, data and models. The run itself (settings, epochs,
-checkpoints, summary) is rankkd.training.run's, shared with the other tasks.
+checkpoints, summary) is rankkd.training.trainer's, shared with the other tasks.
 """
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from rankkd.distill import DistillConfig
+from rankkd.models import imagenet as imagenet_zoo
 from rankkd.training.config import Option
 from rankkd.data import TrainAugmentation, make_loaders, prepare_demo, synthetic_loader
 from rankkd.data.dali import RAND_AUGMENT_MAX_MAGNITUDE
 from rankkd.data.demo import default_cache_dir
-from rankkd.data.folder import BadImageError, check_images, list_image_folder
+from rankkd.data.folder import EXCLUDE_HINT, BadImageError, check_images, list_image_folder
 from rankkd.data.mixing import make_batch_mixer
 from rankkd.distributed import all_gather_objects
+from rankkd.tasks.images import IMAGE_OPTIONS, ClassificationTask, task_data
 from rankkd.training.run_folder import check_writable
-from rankkd.training.task import ClassificationTask
+from rankkd.training.task import TaskData
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Recipes. A run starts from one of these and overrides what the command line sets.
@@ -93,30 +94,29 @@ RECIPES["demo-teacher"] = {
 # The task's own options (the shared ones are rankkd.training.config's).
 
 
-def _data(name, **spec):
-    return Option(name, "data", **({"group": "run"} | spec))
-
 
 def _augment(name, **spec):
     return Option(name, "augment", **spec)
 
 
 OPTIONS = (
-    _data("data", default="demo", help="an ImageFolder root holding train/ and val/, 'demo' (the embedded digits "
-                                       "set) or 'synthetic' (random device-resident batches: times the step without "
-                                       "I/O)"),
+    Option("data", "data", group="run", default="demo",
+           help="an ImageFolder root holding train/ and val/, 'demo' (the embedded digits set) or 'synthetic' (random "
+                "device-resident batches: times the step without I/O)"),
     Option("recipe", "selection", group="run", choices=tuple(name for name in RECIPES if name != "demo-teacher"),
            help="starting point for every setting below; default: demo for --data demo, else imagenet"),
-    _data("workers", type=int, low=1, help="data loading threads per process (DALI) or workers (torchvision); "
-                                           "default: on CUDA the CPUs per process, at most 8; on the CPU a quarter "
-                                           "of them (the rest compute)"),
-    _data("data_backend", default="auto", choices=("auto", "dali", "torchvision"),
-          help="auto: DALI when nvidia-dali is installed, else torchvision"),
-    _data("num_classes", type=int, default=1000, low=2, help="classes of --data synthetic (default 1000)"),
-    _data("steps_per_epoch", type=int, default=100, low=1, help="steps per epoch of --data synthetic (default 100)"),
-    _data("image_size", type=int, low=8, group="recipe"),
-    _data("val_resize_ratio", type=float, low=1, group="recipe",
-          help="val: resize the shorter side to image_size x this, then center-crop"),
+    Option("workers", "data", group="run", type=int, low=1, optional=True,
+           help="data loading threads per process (DALI) or workers (torchvision); default: on CUDA the CPUs per "
+                "process, at most 8; on the CPU a quarter of them (the rest compute)"),
+    Option("data_backend", "data", group="run", default="auto", choices=("auto", "dali", "torchvision"),
+           help="auto: DALI when nvidia-dali is installed, else torchvision"),
+    Option("num_classes", "data", group="run", type=int, default=1000, low=2,
+           help="classes of --data synthetic (default 1000)"),
+    Option("steps_per_epoch", "data", group="run", type=int, default=100, low=1,
+           help="steps per epoch of --data synthetic (default 100)"),
+    Option("image_size", "data", type=int, low=8, group="recipe"),
+    Option("val_resize_ratio", "data", type=float, low=1, group="recipe",
+           help="val: resize the shorter side to image_size x this, then center-crop"),
     _augment("min_scale", type=float, above=0, high=1, help="random-resized-crop: smallest crop area"),
     _augment("hflip", type=bool),
     _augment("rand_augment_ops", type=int, low=0, help="RandAugment: operations per image, 0 = off (DeiT: 2)"),
@@ -133,15 +133,18 @@ OPTIONS = (
     _augment("label_smoothing", type=float, low=0, high=1,
              help="soft-target cross-entropy with this smoothing (DeiT: 0.1)"),
     _augment("drop_path", type=float, low=0, high=1, help="stochastic depth rate of a timm student (DeiT: 0.1)"),
+    *IMAGE_OPTIONS,
 )
 
 
 class ImageNetTask(ClassificationTask):
     name = "imagenet"
     description = __doc__.split("\n\n")[0]
+    zoo = imagenet_zoo
     recipes = RECIPES
     own_options = OPTIONS
     loss_recipe_prefixes = ("imagenet-", "deit-")
+    data_errors = {BadImageError: EXCLUDE_HINT}
 
     def recipe(self, args, name=None):
         name = name or args.recipe or ("demo" if args.data == "demo" else "imagenet")
@@ -183,21 +186,21 @@ class ImageNetTask(ClassificationTask):
             min_scale=augment.min_scale, hflip=augment.hflip, rand_augment_ops=augment.rand_augment_ops,
             rand_augment_magnitude=augment.rand_augment_magnitude, random_erasing=augment.random_erasing,
             repeats=augment.repeated_aug)
-        return make_loaders(root, batch_size=cfg.optim.batch_size, image_size=data.image_size, rank=env.rank,
-                            world_size=env.world_size, device=env.device, seed=cfg.run.seed,
-                            backend=data.data_backend, num_threads=data.workers,
-                            channels_last=cfg.speed.channels_last, val_resize_ratio=data.val_resize_ratio,
-                            augment=augmentation)
+        return task_data(make_loaders(root, batch_size=cfg.optim.batch_size, image_size=data.image_size,
+                                      rank=env.rank, world_size=env.world_size, device=env.device,
+                                      seed=cfg.job.seed, backend=data.data_backend, num_threads=data.workers,
+                                      channels_last=cfg.speed.channels_last, val_resize_ratio=data.val_resize_ratio,
+                                      augment=augmentation))
 
     def make_mixer(self, cfg, env, data):
         augment = cfg.augment
         return make_batch_mixer(data.num_classes, mixup_alpha=augment.mixup, cutmix_alpha=augment.cutmix,
                                 switch_prob=augment.mixup_switch_prob, label_smoothing=augment.label_smoothing,
-                                seed=cfg.run.seed, rank=env.rank)
+                                seed=cfg.job.seed, rank=env.rank)
 
     def build_student(self, cfg, num_classes):
         return self.zoo.build_model(cfg.model.student, num_classes, drop_path_rate=cfg.augment.drop_path,
-                                  image_size=cfg.data.image_size)
+                                    image_size=cfg.data.image_size)
 
 
 def cpus_per_process():
@@ -208,10 +211,9 @@ def synthetic_data(cfg, env):
     data = cfg.data
     common = dict(batch_size=cfg.optim.batch_size, image_size=data.image_size, num_classes=data.num_classes,
                   device=env.device, channels_last=cfg.speed.channels_last)
-    return SimpleNamespace(train=synthetic_loader(steps=data.steps_per_epoch, seed=cfg.run.seed + env.rank, **common),
-                           val=synthetic_loader(steps=max(1, data.steps_per_epoch // 10), seed=cfg.run.seed + 7919,
-                                                **common),
-                           num_classes=data.num_classes, backend="synthetic")
+    return TaskData(train=synthetic_loader(steps=data.steps_per_epoch, seed=cfg.job.seed + env.rank, **common),
+                    val=synthetic_loader(steps=max(1, data.steps_per_epoch // 10), seed=cfg.job.seed + 7919, **common),
+                    num_classes=data.num_classes, backend="synthetic")
 
 
 def check_validation_images(root, env):

@@ -1,3 +1,3 @@
-"""Training: one run skeleton (run) over tasks (tasks/: imagenet, cifar100, coco), its frozen settings (config), the
-epoch loop (loop), and by concern distributed set-up, checkpoints, run folders, progress, optimizer and schedules,
-the demo teacher's cache, evaluation metrics, input pipelines (data) and the CIFAR-100 grid runner (grid)."""
+"""Training: one trainer (trainer) that runs any task (rankkd.tasks: imagenet, cifar100, coco) through the task
+contract (task), its frozen settings (config), the epoch loop (loop), and by concern checkpoints, run folders,
+progress, optimizer and schedules, the demo teacher's cache and evaluation metrics."""

@@ -6,18 +6,22 @@ builds the RunConfig in one go: the task's recipe, overridden by the command lin
 and the device decide (global batch, scaled lr, precision, compile mode), checked with the option's name in every
 message, and frozen. Nothing changes it afterwards; config.json and every checkpoint hold record(cfg).
 
-A RunConfig is made of parts passed whole to the code that needs them: run (folder, seed, length), model, data,
-augment (the task's), optim (optimizer, batch and schedule), speed (precision, compile, memory format) and loss (a
-rankkd.distill.DistillConfig). Field names are unique across the parts, so flat_settings() gives one flat dict whose
-keys are the option names without dashes: the form config.json had before it was split into parts, which is what
-resuming compares.
+A RunConfig is made of parts passed whole to the code that needs them, each a frozen dataclass whose fields have their
+options' types: job (folder, resume, seed, device, length, logging: how this invocation runs), model, data, optim
+(optimizer, batch and schedule), speed (precision, compile), the parts a task's own options add (the image tasks'
+augment) and loss (a rankkd.distill.DistillConfig). Field names are unique across the parts, so flat_settings() gives
+one flat dict whose keys are the option names without dashes, whatever the parts were called when it was written:
+that is what resuming compares.
 """
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import math
 import time
+import typing
+from collections.abc import Callable
 from pathlib import Path
 
 from rankkd._args import K_RULE, PRECISIONS, TEACHER_MODES, check_steepness
@@ -28,13 +32,15 @@ from rankkd.recipes import LOSS_RECIPES, get_recipe
 from rankkd.distributed import broadcast_object
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-SECTIONS = ("run", "model", "data", "augment", "optim", "speed", "loss")
+# The parts of every task's settings (then a task's own, then loss). Options of the "selection" part (--recipe, --loss,
+# --method) choose values and are not kept themselves; "loss" is the DistillConfig.
+SHARED_SECTIONS = ("job", "model", "data", "optim", "speed")
 SEED_LIMIT = 2**32  # numpy's generators take seeds below 2^32
 # A method names the base loss, and "+rank" the ranking loss on top: the same names in every trainer and the grid.
 METHOD_NAMES = tuple(name for method in METHODS for name in (method, f"{method}+rank"))
 
 
-def epoch_list(text):
+def epoch_list(text) -> tuple[int | float, ...]:
     """Epochs such as 30,60,90; a fraction (24.5) where an epoch is a fixed number of iterations (COCO)."""
     try:
         return tuple(float(epoch) if "." in epoch else int(epoch) for epoch in text.split(","))
@@ -46,10 +52,12 @@ def epoch_list(text):
 class Option:
     """One setting: its command-line option (`flag`, default --name-with-dashes), its type and valid range, and the
     part of the RunConfig it fills. default None means "the recipe's value"; settings that no recipe sets have a
-    real default. A setting with command_line=False is decided by the processes or the device, never typed in."""
+    real default. A setting holds a value of its type; one that is `optional` may hold None (off, or not given: then
+    decided when the settings are resolved). A setting with command_line=False is decided by the processes or the
+    device, never typed in."""
     name: str
     section: str
-    type: object = str
+    type: type | Callable[[str], object] = str  # a type, or a converter whose return annotation is the value's type
     help: str = ""
     default: object = None
     choices: tuple | None = None
@@ -61,6 +69,7 @@ class Option:
     group: str = "recipe"  # where --help lists it: "run", "recipe", "loss" or the task's
     command_line: bool = True
     identity: bool = True  # part of what the experiment is: a resumed run may not change it (see changed_settings)
+    optional: bool = False
 
     @property
     def option(self):
@@ -91,11 +100,12 @@ def _options(section, group, *specs):
 
 
 # identity=False: not part of what the experiment is (where, how fast, how long, how it logs); see changed_settings.
-RUN_OPTIONS = _options(
-    "run", "run",
-    ("out", dict(identity=False, help="output folder (metrics.jsonl, config.json, last.pt, best.pt, TensorBoard "
-                                      "events); default: runs/<data>-<student>-<method>-<date-time>")),
-    ("resume", dict(identity=False, choices=("auto",),
+JOB_OPTIONS = _options(
+    "job", "run",
+    ("out", dict(identity=False, optional=True,
+                 help="output folder (metrics.jsonl, config.json, last.pt, best.pt, TensorBoard events); default: "
+                      "runs/<data>-<student>-<method>-<date-time>")),
+    ("resume", dict(identity=False, optional=True, choices=("auto",),
                     help="auto: continue from OUT/last.pt when it exists (without --out: the newest folder under "
                          "runs/ with the same experiment settings), else start there")),
     ("seed", dict(type=int, default=0, low=0, below=SEED_LIMIT,
@@ -116,23 +126,23 @@ SPEED_OPTIONS = _options(
     "speed", "run",
     ("precision", dict(default="auto", choices=("auto", "bf16", "fp16", "off"),
                        help="autocast dtype (fp16 adds a GradScaler); auto: bf16 on CUDA, off on the CPU")),
-    ("compile", dict(identity=False, type=bool,
+    ("compile", dict(identity=False, type=bool, optional=True,
                      help="torch.compile the student, teacher and loss; default: on for CUDA, off on the CPU")),
     ("compile_mode", dict(identity=False, choices=COMPILE_MODES,
                           help="torch.compile mode; reduce-overhead replays CUDA graphs (one process only); default: "
                                "the recipe's")),
-    ("channels_last", dict(identity=False, type=bool, default=True, help="NHWC memory format (default on)")),
 )
 MODEL_OPTIONS = _options(
     "model", "recipe",
-    ("teacher", dict(help="teacher architecture, or 'none' (with --method ce: plain cross-entropy)")),
-    ("teacher_weights", dict(help="a checkpoint path, or 'random' (untrained: for timing)")),
+    ("teacher", dict(optional=True, help="teacher architecture, or 'none' (with --method ce: plain cross-entropy)")),
+    ("teacher_weights", dict(optional=True, help="a checkpoint path, or 'random' (untrained: for timing)")),
     ("student", dict(help="student architecture")),
 )
 OPTIM_OPTIONS = _options(
     "optim", "recipe",
-    ("batch_size", dict(identity=False, type=int, low=1, help="images per process (per GPU) and step")),
-    ("global_batch_size", dict(type=int, low=1, help="images per step over all processes (sets --batch-size)")),
+    ("batch_size", dict(identity=False, type=int, low=1, help="samples per process (per GPU) and step")),
+    ("global_batch_size", dict(type=int, low=1, optional=True,
+                               help="samples per step over all processes (sets --batch-size)")),
     ("optimizer", dict(choices=("sgd", "adamw"))),
     ("lr", dict(type=float, above=0, help="peak learning rate at the reference global batch")),
     ("lr_reference_batch", dict(type=int, low=1, help="global batch that --lr is stated for (lr scales linearly)")),
@@ -178,7 +188,7 @@ def task_options(task):
     recipes = task_loss_recipes(task)
     selection = (Option("loss", "selection", group="loss", help=f"a loss recipe: {', '.join(recipes)}"),
                  Option("method", "selection", group="loss", choices=task.methods, help=task.methods_help))
-    return task.own_options + RUN_OPTIONS + SPEED_OPTIONS + MODEL_OPTIONS + OPTIM_OPTIONS + selection + LOSS_OPTIONS
+    return task.own_options + JOB_OPTIONS + SPEED_OPTIONS + MODEL_OPTIONS + OPTIM_OPTIONS + selection + LOSS_OPTIONS
 
 
 def task_loss_recipes(task):
@@ -193,23 +203,38 @@ GROUP_TITLES = {"recipe": "recipe overrides (default: the recipe's value)",
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Everything a run is, resolved once. Its parts are frozen dataclasses made from the options (section_type)."""
+    """Everything a run is, resolved once: its task and recipes, and the parts that each task's subclass adds
+    (config_type): the shared parts, the task's own, then loss."""
     task: str
     recipe: str
     loss_recipe: str | None
-    run: object
-    model: object
-    data: object
-    augment: object
-    optim: object
-    speed: object
-    loss: DistillConfig
 
 
-def section_type(task, section):
-    """The frozen dataclass of one part of a task's RunConfig: a field per option of that part."""
-    fields = [(option.name, object) for option in task.options if option.section == section]
-    return dataclasses.make_dataclass(f"{task.name.title()}{section.title()}", fields, frozen=True)
+def task_sections(task):
+    """The parts of `task`'s settings before loss: the shared ones, then those that its own options name."""
+    own = (option.section for option in task.options if option.section not in (*SHARED_SECTIONS, "selection", "loss"))
+    return SHARED_SECTIONS + tuple(dict.fromkeys(own))
+
+
+def field_type(option):
+    """The type of `option`'s field: its type, or what its converter returns; or None where it is optional."""
+    kind = option.type
+    if not isinstance(kind, type):
+        kind = typing.get_type_hints(kind).get("return")
+        if kind is None:
+            raise TypeError(f"option {option.option}: its converter {option.type.__name__} declares no return type")
+    return kind | None if option.optional else kind
+
+
+@functools.cache
+def config_type(task):
+    """The RunConfig subclass of `task`: a part per section, each a frozen dataclass with a typed field per option."""
+    parts = [(section, dataclasses.make_dataclass(
+        f"{task.name.title()}{section.title()}",
+        [(option.name, field_type(option)) for option in task.options if option.section == section], frozen=True))
+        for section in task_sections(task)]
+    return dataclasses.make_dataclass(f"{task.name.title()}Config", [*parts, ("loss", DistillConfig)],
+                                      bases=(RunConfig,), frozen=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -251,11 +276,17 @@ def resolve_config(task, args, env, recipe_name=None):
     recipe_name, recipe = task.recipe(args, recipe_name)
     given = {name: value for name, value in vars(args).items() if value is not None}
     values = {option.name: option.default for option in task.options} | recipe | given
+    unset = [option.option for option in task.options if option.section not in ("selection", "loss")
+             and option.command_line and not option.optional and values[option.name] is None]
+    if unset:
+        them = "it" if len(unset) == 1 else "them"
+        raise ValueError(f"recipe {recipe_name!r} sets no {', '.join(unset)}: give {them} on the command line")
     values["loss_recipe"] = values["loss"] if isinstance(values.get("loss"), str) else None
     for option in task.options:
         option.check(values.get(option.name))
     loss_overrides = {name: given[name] for name in given if _section(task, name) == "loss"}
-    values["loss"] = resolve_loss(values, loss_overrides, given.get("method"), task_loss_recipes(task))
+    method = task.split_method(given["method"]) if "method" in given else None
+    values["loss"] = resolve_loss(values, loss_overrides, method, task_loss_recipes(task))
     if values["teacher"] == "none":
         values["teacher"] = None
     loss = values["loss"]
@@ -273,17 +304,14 @@ def _section(task, name):
 
 
 def split_method(method):
-    """("kd", True) for "kd+rank": the base method and whether the ranking loss is on; "none" (detection: no
-    distillation) is cross-entropy alone."""
-    if method == "none":
-        return "ce", False
+    """("kd", True) for "kd+rank": the base method and whether the ranking loss is on."""
     return method.removesuffix("+rank"), method.endswith("+rank")
 
 
 def resolve_loss(values, overrides, method=None, known=tuple(LOSS_RECIPES)):
     """The recipe's loss (a name among `known`, a DistillConfig, or None: DistillConfig's defaults) with the command
-    line's loss options on top. The options' own ranges were checked already; what is left are rules between
-    them."""
+    line's loss options on top, and `method` ((base method, ranking loss on) of --method; None: the recipe's). The
+    options' own ranges were checked already; what is left are rules between them."""
     base = values.get("loss")
     if isinstance(base, str):
         if base not in known:
@@ -291,7 +319,7 @@ def resolve_loss(values, overrides, method=None, known=tuple(LOSS_RECIPES)):
         base = get_recipe(base)
     merged = dataclasses.asdict(base or DistillConfig()) | overrides
     if method is not None:
-        merged["method"], with_rank = split_method(method)
+        merged["method"], with_rank = method
         if "rank_weight" not in overrides:
             merged["rank_weight"] = merged["ce_weight"] if with_rank else 0.0
     if merged["rank_weight"] > 0:
@@ -368,7 +396,7 @@ def _same_experiment(task, path, requested):
 
 def settings_of_values(task, values):
     """The flat settings (as flat_settings gives them) of resolved values that are not frozen yet."""
-    flat = {option.name: values[option.name] for option in task.options if option.section in SECTIONS[:-1]}
+    flat = {option.name: values[option.name] for option in task.options if option.section not in ("selection", "loss")}
     return json.loads(json.dumps(flat | dataclasses.asdict(values["loss"])))
 
 
@@ -387,11 +415,11 @@ def changed_settings(task, saved, requested):
 
 
 def freeze(task, recipe_name, values):
-    parts = {section: section_type(task, section)(**{option.name: values[option.name] for option in task.options
-                                                     if option.section == section})
-             for section in SECTIONS if section != "loss"}
-    return RunConfig(task=task.name, recipe=recipe_name, loss_recipe=values["loss_recipe"], loss=values["loss"],
-                     **parts)
+    config = config_type(task)
+    parts = {part.name: part.type(**{option.name: values[option.name] for option in task.options
+                                     if option.section == part.name})
+             for part in dataclasses.fields(config) if part.name in task_sections(task)}
+    return config(task=task.name, recipe=recipe_name, loss_recipe=values["loss_recipe"], loss=values["loss"], **parts)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -400,18 +428,20 @@ def freeze(task, recipe_name, values):
 
 def record(cfg):
     """The settings as plain JSON values, part by part: what config.json and every checkpoint hold."""
-    parts = {section: dataclasses.asdict(getattr(cfg, section)) for section in SECTIONS}
-    return {"task": cfg.task, "recipe": cfg.recipe, "loss_recipe": cfg.loss_recipe,
-            **{section: {key: list(value) if isinstance(value, tuple) else value for key, value in fields.items()}
-               for section, fields in parts.items()}}
+    head = {"task": cfg.task, "recipe": cfg.recipe, "loss_recipe": cfg.loss_recipe}
+    parts = {part.name: dataclasses.asdict(getattr(cfg, part.name)) for part in dataclasses.fields(cfg)
+             if part.name not in head}
+    return head | {section: {key: list(value) if isinstance(value, tuple) else value for key, value in fields.items()}
+                   for section, fields in parts.items()}
 
 
 def flat_settings(saved):
-    """A record() (or the flat dict that config.json held before the settings had parts) as one flat dict of
-    option names to values, for comparing two runs' settings."""
+    """A record() as one flat dict of option names to values, for comparing two runs' settings. Records of earlier
+    versions read the same: their parts under the names of their day (the job's was "run"), or the flat dict that
+    config.json held before the settings had parts."""
     flat = {}
     for key, value in saved.items():
-        if key in SECTIONS and isinstance(value, dict):
+        if isinstance(value, dict):
             flat.update(value)
         else:
             flat[key] = value

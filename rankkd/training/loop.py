@@ -1,11 +1,14 @@
 """The epoch loop every task shares: set-up (models on the device, optimizer, a resumed state, DDP and compile), one
 training epoch, evaluation through the task, metrics.jsonl and checkpoints after every epoch.
 
-train_and_evaluate(run, env) takes a Run (what rankkd.training.run made: settings, folder, loaders, models) and
+train_and_evaluate(run, env) takes a Run (what rankkd.training.trainer set up: settings, folder, data, models) and
 returns the summary {"student", "best", "last", "out"}."""
 import dataclasses
 import json
+import math
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -15,44 +18,45 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rankkd.training.checkpoint import (copy_atomically, gather_rng_states, save_checkpoint, seed_everything,
                                         set_rng_state, write_atomically)
-from rankkd.training.config import record
+from rankkd.training.config import RunConfig, record
 from rankkd.distributed import all_reduce_sum, average_buffers, barrier
 from rankkd.training.optim import learning_rate, make_optimizer
 from rankkd.training.progress import Progress, format_duration
-from rankkd.training.run_folder import MetricsLog, saved_progress, write_on_main
+from rankkd.training.run_folder import MetricsLog, RunLock, saved_progress, write_on_main
+from rankkd.training.task import BatchMixer, Task, TaskData
 
 
 @dataclass
 class Run:
-    """One run, ready to train: its task and frozen settings, folder (and its lock on rank 0), the checkpoint it
-    continues from (None: a fresh start), loaders, models and batch mixer (None: none)."""
-    task: object
-    cfg: object
+    """One run, ready to train: its task and frozen settings, folder (and its lock, on rank 0), the checkpoint it
+    continues from (None: a fresh start), data, models and batch mixer (None: none)."""
+    task: Task
+    cfg: RunConfig
     out: Path
-    lock: object
+    lock: RunLock | None
     resume_state: dict | None
-    loaders: object
+    data: TaskData
     student: torch.nn.Module
-    teacher: torch.nn.Module | None
-    mixer: object = None
-    changed_settings: list = dataclasses.field(default_factory=list)  # experiment settings changed on resuming
+    teacher: torch.nn.Module | None  # None until a demo's cached teacher is loaded, or none at all
+    mixer: BatchMixer | None = None
+    changed_settings: list[str] = dataclasses.field(default_factory=list)  # experiment settings changed on resuming
 
 
 @dataclass
-class Training:
-    """The state the epochs carry: the modules as they run (DDP-wrapped, compiled), optimizer, scaler, autocast and
-    the progress so far."""
+class TrainingState:
+    """What the epochs carry: the modules as they run (DDP-wrapped, compiled), optimizer, scaler, autocast and the
+    progress so far (best: the primary metric's best and its epoch, 0 for none)."""
     student: torch.nn.Module
     train_forward: torch.nn.Module
     eval_student: torch.nn.Module
     eval_teacher: torch.nn.Module | None
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    autocast: object
+    autocast: Callable[[], AbstractContextManager]
     epoch_tensor: torch.Tensor
-    start_epoch: int = 0
-    best: dict | None = None
-    last_record: dict | None = None
+    start_epoch: int
+    best: dict
+    last_record: dict
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,25 +77,25 @@ def _run_epochs(run, env):
     cfg, print0 = run.cfg, (print if env.is_main else (lambda *args, **kwargs: None))
     training = set_up_training(run, env)
     summary = {"student": training.student, "out": run.out}
-    if training.start_epoch >= cfg.run.epochs:
+    if training.start_epoch >= cfg.job.epochs:
         print0(f"{run.out} already holds all {training.start_epoch} epochs of this run: nothing to train (a larger "
                f"--epochs continues it)")
         return summary | {"best": training.best, "last": training.last_record}
     log = write_on_main(env, run.out, lambda: start_log(run, training))
     print0(run_header(run, env))
     run_start = time.perf_counter()
-    for epoch in range(training.start_epoch, cfg.run.epochs):
+    for epoch in range(training.start_epoch, cfg.job.epochs):
         epoch_record = train_and_evaluate_epoch(epoch, run, env, training)
         if epoch == training.start_epoch and run.changed_settings:
             epoch_record["settings_changed"] = run.changed_settings  # where this run's settings changed
         metric = run.task.primary_metric
-        is_best = epoch_record[metric] > training.best[metric]
+        is_best = improves(run.task, epoch_record[metric], training.best)
         if is_best:
             training.best = {metric: epoch_record[metric], "epoch": epoch + 1}
         training.last_record = epoch_record
         save_epoch(run, env, training, log, is_best)
         done = epoch + 1 - training.start_epoch
-        eta = (time.perf_counter() - run_start) / done * (cfg.run.epochs - epoch - 1)
+        eta = (time.perf_counter() - run_start) / done * (cfg.job.epochs - epoch - 1)
         print0(epoch_line(run, training, eta), flush=True)
     if log is not None:
         log.close()
@@ -100,73 +104,89 @@ def _run_epochs(run, env):
 
 
 def set_up_training(run, env):
-    """Models on the device, optimizer, scaler and autocast; the resumed state when there is one; the training
-    forward wrapped by DDP and compiled."""
-    cfg, device = run.cfg, env.device
-    memory_format = torch.channels_last if cfg.speed.channels_last else torch.contiguous_format
-    student = run.student.to(device, memory_format=memory_format)
-    teacher = run.teacher.to(device, memory_format=memory_format) if run.teacher is not None else None
+    """Models on the device (as the task lays them out), optimizer, scaler and autocast; the resumed state when there
+    is one; the training forward wrapped by DDP and compiled."""
+    cfg, device, task = run.cfg, env.device, run.task
+    student = task.place_model(run.student, cfg, device)
+    teacher = task.place_model(run.teacher, cfg, device) if run.teacher is not None else None
+    optimizer = make_optimizer(student, cfg.optim, device)
     precision = cfg.speed.precision
-    training = Training(
-        student=student, train_forward=None, eval_student=student, eval_teacher=teacher,
-        optimizer=make_optimizer(student, cfg.optim, device),
-        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-        autocast=partial(torch.autocast, device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
-                         enabled=precision != "off"),
-        epoch_tensor=torch.zeros((), device=device), best={run.task.primary_metric: -1.0, "epoch": 0},
-        last_record={})
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     if run.resume_state is not None:
-        restore(training, run, env)
+        start_epoch, best, last_record = restore(run, env, student, optimizer, scaler)
     else:
-        seed_everything(cfg.run.seed + env.rank)  # dropout / drop-path differ between ranks
+        start_epoch, best, last_record = 0, no_best(task), {}
+        seed_everything(cfg.job.seed + env.rank)  # dropout / drop-path differ between ranks
     # The whole training forward (teacher, student, loss terms) is one module, wrapped by DDP and then compiled: the
     # pattern torch.compile supports for DDP, one graph per gradient bucket. DDP syncs only the student's gradients
     # (the teacher's parameters need none).
-    train_forward = run.task.train_forward(student, teacher, cfg)
+    train_forward = task.train_forward(student, teacher, cfg)
     if env.world_size > 1:
         train_forward = DistributedDataParallel(train_forward, gradient_as_bucket_view=True,
                                                 device_ids=[env.local_rank] if device.type == "cuda" else None)
-    training.train_forward = train_forward
+    eval_student, eval_teacher = student, teacher
     if cfg.speed.compile:
-        compile_model = partial(run.task.compile, mode=cfg.speed.compile_mode)
-        training.train_forward = compile_model(train_forward)
-        training.eval_student = compile_model(student)
-        training.eval_teacher = compile_model(teacher) if teacher is not None else None
-    return training
+        compile_model = partial(task.compile, mode=cfg.speed.compile_mode)
+        train_forward = compile_model(train_forward)
+        eval_student = compile_model(student)
+        eval_teacher = compile_model(teacher) if teacher is not None else None
+    return TrainingState(
+        student=student, train_forward=train_forward, eval_student=eval_student, eval_teacher=eval_teacher,
+        optimizer=optimizer, scaler=scaler,
+        autocast=partial(torch.autocast, device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
+                         enabled=precision != "off"),
+        epoch_tensor=torch.zeros((), device=device), start_epoch=start_epoch, best=best, last_record=last_record)
 
 
-def restore(training, run, env):
-    """Continue from run.resume_state: weights, optimizer, scaler, progress and every rank's random streams."""
+def no_best(task):
+    """The best before any epoch, or after best.pt was lost."""
+    return {task.primary_metric: None, "epoch": 0}
+
+
+def improves(task, value, best):
+    """Whether `value` of the task's primary metric beats `best` (with no best yet, any number does; NaN never)."""
+    if math.isnan(value):
+        return False
+    if not best["epoch"]:
+        return True
+    return value > best[task.primary_metric] if task.greater_is_better else value < best[task.primary_metric]
+
+
+def restore(run, env, student, optimizer, scaler):
+    """Continue from run.resume_state: weights, optimizer, scaler and every rank's random streams; returns the
+    progress (epochs done, best, the last epoch's record)."""
     state = run.resume_state
-    training.student.load_state_dict(state["student"])
-    training.optimizer.load_state_dict(state["optimizer"])
-    training.scaler.load_state_dict(state["scaler"])
-    training.start_epoch, training.best, training.last_record = state["epoch"], state["best"], state["last_record"]
-    keep_best_honest(training, run, env)
+    student.load_state_dict(state["student"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    start_epoch = state["epoch"]
+    best = keep_best_honest(state["best"], start_epoch, run, env)
     if len(state["rng"]) == env.world_size:
         set_rng_state(state["rng"][env.rank])
     else:
         if env.is_main:
             print(f"resuming on {env.world_size} processes, saved on {len(state['rng'])}: random streams reseeded")
-        seed_everything(run.cfg.run.seed + 1_000_003 * training.start_epoch + env.rank)
-    if env.is_main and training.start_epoch < run.cfg.run.epochs:
-        print(f"resuming {run.out} after epoch {training.start_epoch}")
+        seed_everything(run.cfg.job.seed + 1_000_003 * start_epoch + env.rank)
+    if env.is_main and start_epoch < run.cfg.job.epochs:
+        print(f"resuming {run.out} after epoch {start_epoch}")
+    return start_epoch, best, state["last_record"]
 
 
-def keep_best_honest(training, run, env):
+def keep_best_honest(best, start_epoch, run, env):
     """The summary's "best" is the weights in best.pt: a run stopped between writing last.pt and best.pt (a full
-    disk) gets best.pt back when the best epoch is the last one, else stops claiming a best until a new one."""
+    disk) gets best.pt back when the best epoch is the last one, else stops claiming a best until a new one. Returns
+    the best to continue with."""
     best_file = run.out / "best.pt"
-    if training.best["epoch"] == 0 or best_file.exists():
-        return
-    if training.best["epoch"] == training.start_epoch:
+    if best["epoch"] == 0 or best_file.exists():
+        return best
+    if best["epoch"] == start_epoch:
         if env.is_main:
             copy_atomically(run.out / "last.pt", best_file)
-        return
+        return best
     if env.is_main:
-        print(f"{best_file} is missing: the best epoch ({training.best['epoch']}) is not kept; the best is chosen "
-              "again from the epochs to come")
-    training.best = {run.task.primary_metric: -1.0, "epoch": 0}
+        print(f"{best_file} is missing: the best epoch ({best['epoch']}) is not kept; the best is chosen again from "
+              "the epochs to come")
+    return no_best(run.task)
 
 
 def train_and_evaluate_epoch(epoch, run, env, training):
@@ -176,7 +196,7 @@ def train_and_evaluate_epoch(epoch, run, env, training):
     train_stats = train_epoch(epoch, run, env, training)
     average_buffers(training.student)
     training.eval_student.eval()
-    val_stats = run.task.evaluate(training.eval_student, training.eval_teacher, run.loaders.val, training.autocast,
+    val_stats = run.task.evaluate(training.eval_student, training.eval_teacher, run.data.val, training.autocast,
                                   env, run.cfg)
     return {"epoch": epoch + 1, **train_stats, **val_stats, "epoch_time_s": time.perf_counter() - epoch_start}
 
@@ -207,15 +227,15 @@ def start_log(run, training):
 
 def train_epoch(epoch, run, env, training):
     """One pass over the training set. No host sync inside a step: loss terms stay on the device and are read, summed
-    over ranks and checked for NaN/inf once every log_every steps. Returns the epoch's mean terms and img/s."""
-    cfg, loader = run.cfg, run.loaders.train
+    over ranks and checked for NaN/inf once every log_every steps. Returns the epoch's mean terms and throughput."""
+    cfg, loader = run.cfg, run.data.train
     loader.set_epoch(epoch)
     if run.mixer is not None:
         run.mixer.set_epoch(epoch)
     steps = len(loader)
     meter = LossMeter(epoch, steps, run, env)
     optim = cfg.optim
-    lr_at = partial(learning_rate, schedule=optim.schedule, lr=optim.scaled_lr, epochs=cfg.run.epochs,
+    lr_at = partial(learning_rate, schedule=optim.schedule, lr=optim.scaled_lr, epochs=cfg.job.epochs,
                     warmup_epochs=optim.lr_warmup_epochs, warmup_lr=optim.warmup_lr, milestones=optim.milestones,
                     decay=optim.lr_decay, min_lr=optim.min_lr)
     # The DKD warm-up reads the epoch, counted from 1 as mdistiller does, from a device tensor: changing it neither
@@ -229,7 +249,8 @@ def train_epoch(epoch, run, env, training):
         lr = lr_at(epoch + step / steps)
         for group in training.optimizer.param_groups:
             group["lr"] = lr
-        if run.mixer is not None:  # mixup / cutmix / label smoothing: the teacher sees the same mixed images
+        units = run.task.batch_units(inputs, targets)
+        if run.mixer is not None:  # the teacher sees the same mixed inputs
             inputs, targets = run.mixer(inputs, targets)
         with training.autocast():
             _, terms = training.train_forward(inputs, targets, training.epoch_tensor)
@@ -237,31 +258,37 @@ def train_epoch(epoch, run, env, training):
         training.scaler.step(training.optimizer)
         training.scaler.update()
         training.optimizer.zero_grad(set_to_none=True)
-        meter.add(step, terms, lr)
+        meter.add(step, terms, lr, units)
     return {"lr": lr, **meter.close()}
 
 
 class LossMeter:
-    """The loss terms of an epoch's steps: kept on the device, read once every log_every steps (the one host sync),
-    checked for NaN/inf, shown as progress and averaged over the epoch; img/s without the first interval (compiling
-    and warming up)."""
+    """The loss terms of an epoch's steps and the units (task.unit) of their batches: kept on the device, read once
+    every log_every steps (the one host sync), checked for NaN/inf, shown as progress and averaged over the epoch (the
+    terms over ranks, the units summed); the throughput leaves out the first interval (compiling and warming up)."""
 
     def __init__(self, epoch, steps, run, env):
-        self.epoch, self.steps, self.out, self.env = epoch, steps, run.out, env
-        self.log_every, self.global_batch = run.cfg.run.log_every, run.cfg.optim.global_batch_size
-        self.progress = Progress(steps, f"epoch {epoch + 1}/{run.cfg.run.epochs}", enabled=env.is_main)
+        self.epoch, self.steps, self.out, self.env, self.unit = epoch, steps, run.out, env, run.task.unit
+        self.log_every = run.cfg.job.log_every
+        self.progress = Progress(steps, f"epoch {epoch + 1}/{run.cfg.job.epochs}", enabled=env.is_main)
         self.pending, self.sums, self.names = [], None, None
         self.interval_start = time.perf_counter()
-        self.timed_images, self.timed_seconds = 0, 0.0
+        self.timed_units, self.timed_seconds = 0.0, 0.0
 
-    def add(self, step, terms, lr):
+    def add(self, step, terms, lr, units):
+        """Step `step`'s loss terms (0-dim tensors, "total" among them) and the units of its batch on this rank (an
+        int, or a 0-dim tensor)."""
         self.names = self.names or list(terms)
-        self.pending.append(torch.stack([term.detach().float() for term in terms.values()]))
+        values = [term.detach().float() for term in terms.values()]
+        if not torch.is_tensor(units):  # filled in on the device: a copy from the host would wait for the device
+            units = torch.full((), float(units), device=values[0].device)
+        self.pending.append(torch.stack([*values, units.detach().float()]))
         if (step + 1) % self.log_every == 0 or step + 1 == self.steps:
             self._read(step, lr)
 
     def _read(self, step, lr):
-        interval = all_reduce_sum(torch.stack(self.pending)).cpu().double() / self.env.world_size
+        summed = all_reduce_sum(torch.stack(self.pending)).cpu().double()
+        interval, units = summed[:, :-1] / self.env.world_size, float(summed[:, -1].sum())
         bad_rows = (~interval.isfinite().all(dim=1)).nonzero()
         if len(bad_rows):
             bad = step + 1 - len(self.pending) + int(bad_rows[0])  # 0-based step within the epoch
@@ -272,19 +299,19 @@ class LossMeter:
         self.sums = interval.sum(0) if self.sums is None else self.sums + interval.sum(0)
         seconds = time.perf_counter() - self.interval_start
         if step + 1 > self.log_every or step + 1 == self.steps:
-            self.timed_images += len(self.pending) * self.global_batch
+            self.timed_units += units
             self.timed_seconds += seconds
-        mean = interval.mean(0)
-        terms_text = " ".join(f"{name} {value:.3f}" for name, value in zip(self.names[:-1], mean[:-1]))
-        self.progress.update(step + 1, f"loss {mean[-1]:.4f} ({terms_text}) lr {lr:.3g} "
-                                       f"{len(self.pending) * self.global_batch / seconds:,.0f} img/s")
+        mean = dict(zip(self.names, interval.mean(0).tolist()))
+        terms = " ".join(f"{name} {value:.3f}" for name, value in mean.items() if name != "total")
+        self.progress.update(step + 1, f"loss {mean['total']:.4f}{f' ({terms})' if terms else ''} lr {lr:.3g} "
+                                       f"{units / seconds:,.0f} {self.unit}/s")
         self.pending.clear()
         self.interval_start = time.perf_counter()
 
     def close(self):
         self.progress.close()
         means = {f"loss_{name}": float(value) for name, value in zip(self.names, self.sums / self.steps)}
-        return {**means, "train_img_s": self.timed_images / self.timed_seconds}
+        return {**means, f"train_{self.unit}_s": self.timed_units / self.timed_seconds}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -298,8 +325,8 @@ def run_header(run, env):
             f"{env.world_size} process(es) on {env.device.type}, batch {optim.batch_size} per process = "
             f"{optim.global_batch_size} global | lr {optim.scaled_lr:.4g} (= {optim.lr:g} x "
             f"{optim.global_batch_size}/{optim.lr_reference_batch}) | precision {speed.precision}, compile "
-            f"{speed.compile_mode if speed.compile else 'off'} | data {cfg.data.data} ({run.loaders.train.backend}) "
-            f"| out {run.out}")
+            f"{speed.compile_mode if speed.compile else 'off'} | data {cfg.data.data} ({run.data.backend}) | out "
+            f"{run.out}")
 
 
 def epoch_line(run, training, eta):
@@ -308,6 +335,7 @@ def epoch_line(run, training, eta):
     metrics = " ".join(f"{name} {last[student]:.2f}" for name, student, _ in run.task.summary_metrics)
     tau = f", tau {last['val_tau']:.3f}" if last.get("val_tau") is not None else ""
     best_text = f"best {label} {best[key]:.2f} (epoch {best['epoch']})" if best["epoch"] else "no best yet"
-    return (f"epoch {last['epoch']}/{cfg.run.epochs}: loss {last['loss_total']:.4f}, val {metrics}{tau}, "
-            f"{last['train_img_s']:,.0f} img/s, {last['epoch_time_s']:.1f}s; {best_text}"
+    unit = run.task.unit
+    return (f"epoch {last['epoch']}/{cfg.job.epochs}: loss {last['loss_total']:.4f}, val {metrics}{tau}, "
+            f"{last[f'train_{unit}_s']:,.0f} {unit}/s, {last['epoch_time_s']:.1f}s; {best_text}"
             f"{f', ETA {format_duration(eta)}' if eta else ''}")

@@ -275,7 +275,7 @@ def open_run_folder(task, cfg, env):
     """The run's folder, its lock (rank 0; None elsewhere), the checkpoint to continue from (None: a fresh start) and
     the experiment settings that differ from the checkpoint's (allowed by --allow-changed-settings only). Never
     overwrites a run silently, and never shares its folder: a second run on it stops at once."""
-    out = Path(cfg.run.out)
+    out = Path(cfg.job.out)
     lock = RunLock(out, what="--out").acquire() if env.is_main else None  # before anything is written there
     try:
         state, changed = _checkpoint_to_continue(task, cfg, env, out)
@@ -290,11 +290,11 @@ def _checkpoint_to_continue(task, cfg, env, out):
     last = out / "last.pt"
     if not (last.exists() or previous_checkpoint(last).exists()):
         return None, []
-    if not cfg.run.resume:
+    if not cfg.job.resume:
         raise ValueError(f"{out} already holds a run (last.pt): continue it with --resume auto, or pick another --out")
     path, state, note = checkpoint_to_continue_from(out)
     changed = changed_settings(task, flat_settings(state["config"]), flat_settings(record(cfg)))
-    if changed and not cfg.run.allow_changed_settings:
+    if changed and not cfg.job.allow_changed_settings:
         raise ValueError(f"{out} holds a run with other settings ({'; '.join(changed)}): pick another --out, or "
                          "continue it anyway with --allow-changed-settings")
     if note is not None:

@@ -26,7 +26,7 @@ def teacher_config(task, cfg, env):
 
 
 def _with_folder(cfg, out, resume):
-    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out=str(out), resume=resume))
+    return dataclasses.replace(cfg, job=dataclasses.replace(cfg.job, out=str(out), resume=resume))
 
 
 def teacher_cache_folder(teacher_cfg):

@@ -1,4 +1,4 @@
-"""The run skeleton every task shares: main(task, argv) is a whole trainer.
+"""The trainer every task shares: main(task, argv) is a whole training command.
 
     settings   parse the command line, resolve and freeze the RunConfig (rankkd.training.config)
     set-up     distributed processes, data, run folder and lock, the checkpoint to resume, teacher and student
@@ -6,7 +6,7 @@
     end        the summary table; one line and an exit status for anything that stops a run
 
 A setting that cannot work stops the run before any work with one line and exit status 2; what a run can meet on
-the way (a diverging loss, an unreadable training image) stops it with one line and exit status 1."""
+the way (a diverging loss, a damaged training file) stops it with one line and exit status 1."""
 import os
 import sys
 
@@ -14,7 +14,6 @@ import torch
 
 from rankkd.training.checkpoint import seed_everything
 from rankkd.training.config import check_loss_fits, make_parser, resolve_config
-from rankkd.data.folder import EXCLUDE_HINT, BadImageError
 from rankkd.distributed import cleanup_distributed, init_distributed
 from rankkd.training.loop import NonFiniteLossError, Run, train_and_evaluate
 from rankkd.training.run_folder import DiskFullError, open_run_folder, saved_progress
@@ -22,31 +21,33 @@ from rankkd.training.teacher_cache import cached_teacher
 
 
 def main(task, argv=None):
-    """Run `task` on `argv` (default: the command line); returns the summary of the run."""
+    """Run `task` (a rankkd.training.task.Task) on `argv` (default: the command line); returns the run's summary."""
     args = make_parser(task).parse_args(argv)
     script = f"{task.name}.py"
+    data_errors = tuple(task.data_errors)
     try:
         env = init_distributed(args.device)
         cfg = resolve_config(task, args, env)
         configure_torch(cfg)
         run = prepare_run(task, cfg, env)
-    except (ValueError, FileNotFoundError, ImportError, BadImageError) as error:
+    except (ValueError, FileNotFoundError, ImportError, *data_errors) as error:
         stop(f"{script}: error: {error}", 2)
     except KeyboardInterrupt:
         stop(f"{script}: interrupted before training started; nothing to continue from.", 130)
     try:
-        if cfg.model.teacher is not None and run.teacher is None:
+        if task.runs_teacher(cfg) and run.teacher is None:
             weights = cached_teacher(task, cfg, env, train)
-            run.teacher = task.load_teacher(cfg, weights, run.loaders.num_classes)
+            run.teacher = task.load_teacher(cfg, weights, run.data.num_classes)
         summary = train_and_evaluate(run, env)
     except (NonFiniteLossError, DiskFullError) as error:
         stop(f"{script}: error: {error}", 1)
     except KeyboardInterrupt:
-        stop(f"{script}: interrupted: {saved_progress(cfg.run.out)} Continue with the same command and --out "
-             f"{cfg.run.out} --resume auto.", 130)
-    except BadImageError as error:  # met in the training set, mid-epoch
-        stop(f"{script}: error: {error}. Stopped: {saved_progress(run.out)} {EXCLUDE_HINT}, then continue with "
-             "--resume auto.", 1)
+        stop(f"{script}: interrupted: {saved_progress(cfg.job.out)} Continue with the same command and --out "
+             f"{cfg.job.out} --resume auto.", 130)
+    except data_errors as error:  # met in the training set, mid-epoch
+        hint = next(hint for kind, hint in task.data_errors.items() if isinstance(error, kind))
+        stop(f"{script}: error: {error}. Stopped: {saved_progress(run.out)} {hint}, then continue with --resume "
+             "auto.", 1)
     cleanup_distributed()
     if env.is_main:
         print_summary(task, cfg, summary)
@@ -62,25 +63,25 @@ def prepare_run(task, cfg, env):
     """Data, teacher, run folder (locked once the data and the teacher passed their checks), checkpoint to resume and
     student. Raises ValueError (or FileNotFoundError for a missing data folder) on anything wrong with the settings,
     before anything is written to the run folder."""
-    loaders = task.make_data(cfg, env)
-    check_loss_fits(cfg.loss, loaders.num_classes, env.device)
-    mixer = task.make_mixer(cfg, env, loaders)
-    seed_everything(cfg.run.seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
+    data = task.make_data(cfg, env)
+    check_loss_fits(cfg.loss, data.num_classes, env.device)
+    mixer = task.make_mixer(cfg, env, data)
+    seed_everything(cfg.job.seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
     teacher = None
-    if cfg.model.teacher is not None and cfg.model.teacher_weights is not None:
-        teacher = task.load_teacher(cfg, cfg.model.teacher_weights, loaders.num_classes)
-    student = task.build_student(cfg, loaders.num_classes)
+    if task.runs_teacher(cfg) and cfg.model.teacher_weights is not None:
+        teacher = task.load_teacher(cfg, cfg.model.teacher_weights, data.num_classes)
+    student = task.build_student(cfg, data.num_classes)
     out, lock, resume_state, changed = open_run_folder(task, cfg, env)
-    return Run(task=task, cfg=cfg, out=out, lock=lock, resume_state=resume_state, loaders=loaders, student=student,
+    return Run(task=task, cfg=cfg, out=out, lock=lock, resume_state=resume_state, data=data, student=student,
                teacher=teacher, mixer=mixer, changed_settings=changed)
 
 
 def configure_torch(cfg):
     """Process-wide torch settings of a run: deterministic kernels when asked, else cuDNN autotuning; TF32 matmuls."""
-    if cfg.run.deterministic:
+    if cfg.job.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = not cfg.run.deterministic
+    torch.backends.cudnn.benchmark = not cfg.job.deterministic
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
