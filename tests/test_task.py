@@ -213,3 +213,16 @@ def test_a_task_that_is_not_about_images_trains_resumes_and_reports_in_its_units
     config = json.loads((out / "config.json").read_text())
     assert list(config) == ["task", "recipe", "loss_recipe", "job", "model", "data", "optim", "speed", "loss"]
     assert "channels_last" not in flat_settings(config)
+
+
+def test_accumulated_batches_take_the_step_of_their_union(tmp_path, capsys):
+    """--grad-accum-steps 2 over batches of 4 is one SGD step per 8 sequences: the weights of batches of 8."""
+    whole, accumulated = tmp_path / "whole", tmp_path / "accumulated"
+    main(TOY, ["--out", str(whole), "--epochs", "1", "--batch-size", "8"])
+    main(TOY, ["--out", str(accumulated), "--epochs", "1", "--batch-size", "4", "--grad-accum-steps", "2"])
+    assert "batch 4 per process x 2 accumulated = 8 global" in capsys.readouterr().out
+    expected = torch.load(whole / "last.pt", weights_only=True)["student"]
+    got = torch.load(accumulated / "last.pt", weights_only=True)["student"]
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6)
+    assert json.loads((accumulated / "config.json").read_text())["optim"]["global_batch_size"] == 8

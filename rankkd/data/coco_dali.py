@@ -79,7 +79,8 @@ def _read_pass(split: CocoSplit, category_ids: list[int], positions: list[int], 
 
 
 class DaliCocoTrainLoader(TrainShard):
-    """One rank's training batches on DALI, as coco_loaders.CocoTrainLoader's; call set_epoch(epoch) before each pass."""
+    """One rank's training batches on DALI, as coco_loaders.CocoTrainLoader's; call set_epoch(epoch) before each
+    pass."""
 
     backend = "dali"
 

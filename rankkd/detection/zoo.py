@@ -5,17 +5,17 @@ from rankkd.detection.models import BACKBONES, build_detector, fetch_weights
 from rankkd.detection.teachers import load_detection_teacher
 
 DEMO_BACKBONES = ("demo_small", "demo_tiny")
-# Detector settings sized for the demo's 128 px images and a 2-core CPU (build_detector keyword
-# arguments): anchors 16-256 (objects are 16-56 px), a narrow FPN and box head, fewer
-# proposals and sampled RoIs than detectron2's. Measured on a shared 2-core CPU (torch 2.14.1, one thread,
-# 2026-12-04): a demo_small detector trained from scratch for 400 steps of batch 8 (SGD lr 0.02) reached 28.4 box AP
-# on the val split.
+# Detector settings sized for the demo's 128 px images and a 2-core CPU (build_detector keyword arguments): anchors
+# 16-256 (objects are 16-56 px), a narrow FPN and box head, fewer proposals and sampled RoIs than detectron2's.
+# Measured on a shared 2-core CPU (torch 2.14.1, one thread, 2026-12-04): a demo_small detector trained from scratch
+# for 400 steps of batch 8 (SGD lr 0.02) reached 28.4 box AP on the val split.
 DEMO_DETECTOR = {"anchor_sizes": (16, 32, 64, 128, 256), "fpn_channels": 32, "box_head_dim": 128,
                  "rois_per_image": 64, "rpn_pre_nms_top_n_train": 1000, "rpn_pre_nms_top_n_test": 1000,
                  "rpn_post_nms_top_n": 300}
 # "imagenet" as student weights: torchvision's ImageNet classification weights of the backbone.
 IMAGENET_WEIGHTS = {"resnet18": "ResNet18_Weights.IMAGENET1K_V1", "resnet50": "ResNet50_Weights.IMAGENET1K_V1",
-                    "resnet101": "ResNet101_Weights.IMAGENET1K_V1", "mobilenet_v2": "MobileNet_V2_Weights.IMAGENET1K_V1"}
+                    "resnet101": "ResNet101_Weights.IMAGENET1K_V1",
+                    "mobilenet_v2": "MobileNet_V2_Weights.IMAGENET1K_V1"}
 
 
 def detector_settings(name):

@@ -142,7 +142,10 @@ OPTIM_OPTIONS = _options(
     "optim", "recipe",
     ("batch_size", dict(identity=False, type=int, low=1, help="samples per process (per GPU) and step")),
     ("global_batch_size", dict(type=int, low=1, optional=True,
-                               help="samples per step over all processes (sets --batch-size)")),
+                               help="samples per optimizer step over all processes (sets --batch-size)")),
+    ("grad_accum_steps", dict(identity=False, type=int, low=1, default=1,
+                              help="batches whose gradients each optimizer step sums (default 1): a global batch "
+                                   "of --batch-size x processes x this")),
     ("optimizer", dict(choices=("sgd", "adamw"))),
     ("lr", dict(type=float, above=0, help="peak learning rate at the reference global batch")),
     ("lr_reference_batch", dict(type=int, low=1, help="global batch that --lr is stated for (lr scales linearly)")),
@@ -336,12 +339,13 @@ def resolve_loss(values, overrides, method=None, known=tuple(LOSS_RECIPES)):
 def resolve_for_device(values, env):
     """What the processes and the device decide: batch sizes, the scaled lr, precision and compile."""
     world_size = env.world_size
+    accumulated = world_size * values["grad_accum_steps"]
     if values.get("global_batch_size") is not None:
-        if values["global_batch_size"] % world_size:
+        if values["global_batch_size"] % accumulated:
             raise ValueError(f"--global-batch-size {values['global_batch_size']} does not split evenly over "
-                             f"{world_size} processes")
-        values["batch_size"] = values["global_batch_size"] // world_size
-    values["global_batch_size"] = values["batch_size"] * world_size
+                             f"{world_size} processes x --grad-accum-steps {values['grad_accum_steps']}")
+        values["batch_size"] = values["global_batch_size"] // accumulated
+    values["global_batch_size"] = values["batch_size"] * accumulated
     values["world_size"] = world_size
     values["scaled_lr"] = values["lr"] * values["global_batch_size"] / values["lr_reference_batch"]
     on_cuda = env.device.type == "cuda"

@@ -232,7 +232,9 @@ def train_epoch(epoch, run, env, training):
     loader.set_epoch(epoch)
     if run.mixer is not None:
         run.mixer.set_epoch(epoch)
-    steps = len(loader)
+    # Batches past the last whole accumulation are left out, as loaders leave out a last partial batch.
+    accumulation = cfg.optim.grad_accum_steps
+    steps = len(loader) // accumulation * accumulation
     meter = LossMeter(epoch, steps, run, env)
     optim = cfg.optim
     lr_at = partial(learning_rate, schedule=optim.schedule, lr=optim.scaled_lr, epochs=cfg.job.epochs,
@@ -243,7 +245,7 @@ def train_epoch(epoch, run, env, training):
     training.epoch_tensor.fill_(epoch + 1)
     replays_cuda_graphs = cfg.speed.compile and cfg.speed.compile_mode == "reduce-overhead"
     lr = lr_at(epoch)
-    for step, (inputs, targets) in enumerate(loader):
+    for step, (inputs, targets) in zip(range(steps), loader):
         if replays_cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs may be overwritten from here on
         lr = lr_at(epoch + step / steps)
@@ -254,10 +256,13 @@ def train_epoch(epoch, run, env, training):
             inputs, targets = run.mixer(inputs, targets)
         with training.autocast():
             _, terms = training.train_forward(inputs, targets, training.epoch_tensor)
-        training.scaler.scale(terms["total"]).backward()
-        training.scaler.step(training.optimizer)
-        training.scaler.update()
-        training.optimizer.zero_grad(set_to_none=True)
+        # Accumulated batches sum their gradients at 1/accumulation each: one step over their mean. (DDP reduces the
+        # gradients at every backward; skipping that with no_sync would save communication, not change the result.)
+        training.scaler.scale(terms["total"] / accumulation).backward()
+        if (step + 1) % accumulation == 0:
+            training.scaler.step(training.optimizer)
+            training.scaler.update()
+            training.optimizer.zero_grad(set_to_none=True)
         meter.add(step, terms, lr, units)
     return {"lr": lr, **meter.close()}
 
@@ -322,17 +327,23 @@ def run_header(run, env):
     cfg, optim, speed = run.cfg, run.cfg.optim, run.cfg.speed
     rank = f" + {cfg.loss.rank_weight:g} x rank" if cfg.loss.rank_weight else ""
     return (f"{cfg.model.student} <- {cfg.model.teacher or 'no teacher'} | loss {cfg.loss.method}{rank} | "
-            f"{env.world_size} process(es) on {env.device.type}, batch {optim.batch_size} per process = "
+            f"{env.world_size} process(es) on {env.device.type}, batch {optim.batch_size} per process"
+            f"{f' x {optim.grad_accum_steps} accumulated' if optim.grad_accum_steps > 1 else ''} = "
             f"{optim.global_batch_size} global | lr {optim.scaled_lr:.4g} (= {optim.lr:g} x "
             f"{optim.global_batch_size}/{optim.lr_reference_batch}) | precision {speed.precision}, compile "
             f"{speed.compile_mode if speed.compile else 'off'} | data {cfg.data.data} ({run.data.backend}) | out "
             f"{run.out}")
 
 
+def metric_text(value):
+    """A metric as the run prints it: two decimals, "-" where there is nothing to measure (no teacher to agree with)."""
+    return "-" if value is None else f"{value:.2f}"
+
+
 def epoch_line(run, training, eta):
     cfg, last, best = run.cfg, training.last_record, training.best
     label, key, _ = run.task.summary_metrics[0]
-    metrics = " ".join(f"{name} {last[student]:.2f}" for name, student, _ in run.task.summary_metrics)
+    metrics = " ".join(f"{name} {metric_text(last[student])}" for name, student, _ in run.task.summary_metrics)
     tau = f", tau {last['val_tau']:.3f}" if last.get("val_tau") is not None else ""
     best_text = f"best {label} {best[key]:.2f} (epoch {best['epoch']})" if best["epoch"] else "no best yet"
     unit = run.task.unit

@@ -15,7 +15,7 @@ import torch
 from rankkd.training.checkpoint import seed_everything
 from rankkd.training.config import check_loss_fits, make_parser, resolve_config
 from rankkd.distributed import cleanup_distributed, init_distributed
-from rankkd.training.loop import NonFiniteLossError, Run, train_and_evaluate
+from rankkd.training.loop import NonFiniteLossError, Run, metric_text, train_and_evaluate
 from rankkd.training.run_folder import DiskFullError, open_run_folder, saved_progress
 from rankkd.training.teacher_cache import cached_teacher
 
@@ -64,12 +64,17 @@ def prepare_run(task, cfg, env):
     student. Raises ValueError (or FileNotFoundError for a missing data folder) on anything wrong with the settings,
     before anything is written to the run folder."""
     data = task.make_data(cfg, env)
+    if len(data.train) < cfg.optim.grad_accum_steps:
+        raise ValueError(f"--grad-accum-steps {cfg.optim.grad_accum_steps} is more than the {len(data.train)} "
+                         "batches of an epoch on each process")
     check_loss_fits(cfg.loss, data.num_classes, env.device)
     mixer = task.make_mixer(cfg, env, data)
-    seed_everything(cfg.job.seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
     teacher = None
     if task.runs_teacher(cfg) and cfg.model.teacher_weights is not None:
+        seed_everything(cfg.job.seed)  # a "random" teacher is the same one on every rank and in every run
         teacher = task.load_teacher(cfg, cfg.model.teacher_weights, data.num_classes)
+    # The same initial weights on every rank (DDP would broadcast rank 0's anyway), whether or not a teacher was built
+    seed_everything(cfg.job.seed)
     student = task.build_student(cfg, data.num_classes)
     out, lock, resume_state, changed = open_run_folder(task, cfg, env)
     return Run(task=task, cfg=cfg, out=out, lock=lock, resume_state=resume_state, data=data, student=student,
@@ -100,9 +105,10 @@ def print_summary(task, cfg, summary):
     columns = task.summary_metrics
     rows = [("model", "role", *(label for label, _, _ in columns))]
     if last.get(columns[0][2]) is not None:
-        rows.append((cfg.model.teacher, "teacher", *(f"{last[teacher]:.2f}" for _, _, teacher in columns)))
+        rows.append((cfg.model.teacher, "teacher", *(metric_text(last[teacher]) for _, _, teacher in columns)))
     loss = f"{cfg.loss.method}{' + rank' if cfg.loss.rank_weight else ''}"
-    rows.append((cfg.model.student, f"student ({loss}), last", *(f"{last[student]:.2f}" for _, student, _ in columns)))
+    rows.append((cfg.model.student, f"student ({loss}), last",
+                 *(metric_text(last[student]) for _, student, _ in columns)))
     if best["epoch"]:  # 0: best.pt was lost and no epoch since replaced it (rankkd.training.loop.keep_best_honest)
         rows.append(("", f"student, best (epoch {best['epoch']})", f"{best[task.primary_metric]:.2f}",
                      *([""] * (len(columns) - 1))))
