@@ -94,6 +94,7 @@ def test_online_and_offline_teachers_give_the_reference_loss_and_one_gradient(pa
         assert terms["total"].item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads))
     assert all(p.grad is None for p in teacher.parameters())
+    assert not loss.validate  # checked on the first batch only
 
 
 def test_method_ce_is_the_cross_entropy_alone(pair):
