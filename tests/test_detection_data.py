@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import needs_dali
+from conftest import needs_dali, write_coco
 
 pytest.importorskip("torchvision")
 pytest.importorskip("PIL")
@@ -24,31 +24,6 @@ CPU = torch.device("cpu")
 def image_header_cache(tmp_path_factory, monkeypatch):
     """check_coco's cache of image headers, private to each test."""
     monkeypatch.setenv("RANKKD_CACHE", str(tmp_path_factory.mktemp("cache")))
-
-
-def write_coco(root, *, train=None, val=None, categories=({"id": 2, "name": "a"}, {"id": 5, "name": "b"})):
-    """A COCO-layout root; each split is a list of (image id, width, height, [annotation dicts]). Every image is
-    black with a white rectangle where its first annotation's box is."""
-    from PIL import Image
-
-    default = [(1, 40, 30, [{"bbox": [4, 5, 10, 8], "category_id": 2}])]
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    for split, images in (("train2017", train or default), ("val2017", val or default)):
-        (root / split).mkdir(exist_ok=True)
-        content = {"images": [], "annotations": [], "categories": list(categories)}
-        for image_id, width, height, annotations in images:
-            pixels = np.zeros((height, width, 3), np.uint8)
-            if annotations:
-                x, y, w, h = (int(v) for v in annotations[0]["bbox"])
-                pixels[y:y + h, x:x + w] = 255
-            Image.fromarray(pixels).save(root / split / f"{image_id}.png")
-            content["images"].append({"id": image_id, "file_name": f"{image_id}.png", "width": width,
-                                      "height": height})
-            for annotation in annotations:
-                content["annotations"].append({"id": len(content["annotations"]) + 1, "image_id": image_id,
-                                               "iscrowd": 0, "area": 1.0} | annotation)
-        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(content))
-    return root
 
 
 def refusal(root):

@@ -19,7 +19,6 @@ import json
 import os
 import signal
 import socket
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from rankkd.grid.cells import Cell, read_json, read_metrics, write_json
 from rankkd.grid.report import markdown_table, table_rows, write_table
 from rankkd.grid.scheduler import (POLL_S, STATUS_EVERY_S, Placement, claim_cell, done_line, eta,
                                             failed_since, is_done, mark_failed, progress_line, record_end,
-                                            run_environment, start_process, time_left)
+                                            run_environment, run_until_stopped, start_process, time_left)
 from rankkd.training.progress import format_duration
 
 JOB_RECORD = "job.json"
@@ -345,13 +344,7 @@ class LocalRunner:
         """Run cells until every one is done or failed; returns those that failed. Stopped (Ctrl-C, SIGTERM), it
         cancels its jobs, each run keeping its last checkpoint, and exits."""
         report_if_started(self.out, self.epochs, cell_states(self.out, self.epochs), self.say)
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-        try:
-            self.run_all()
-        except (KeyboardInterrupt, SystemExit) as stopped:
-            self.stop()
-            self.say("stopped: the same command continues the grid (finished cells are skipped)")
-            raise SystemExit(130 if isinstance(stopped, KeyboardInterrupt) else stopped.code) from None
+        run_until_stopped(self.run_all, self.stop, self.say)
         return [cell for cell in self.cells if failed_since(self.folder(cell), self.start)]
 
     def run_all(self):

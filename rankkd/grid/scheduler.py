@@ -221,6 +221,18 @@ class RunningCell:
     started: float  # time.monotonic()
 
 
+def run_until_stopped(run_all, stop, say):
+    """run_all(); stopped on the way (Ctrl-C, or SIGTERM as torchrun and SLURM stop processes), stop() ends the work
+    in flight (each run keeping its last checkpoint) and the process exits saying how to continue."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        run_all()
+    except (KeyboardInterrupt, SystemExit) as stopped:
+        stop()
+        say("stopped: the same command continues the grid (finished cells are skipped)")
+        raise SystemExit(130 if isinstance(stopped, KeyboardInterrupt) else stopped.code) from None
+
+
 class Runner:
     """Runs the cells of the grid that no other process has claimed, len(placement.slots) at a time: cell c as the
     process commands[c], in out / c.folder, done after epochs[c] epochs. on_cell_done(progress) follows every cell
@@ -253,13 +265,7 @@ class Runner:
     def run(self):
         """Run cells until none is left; returns those that failed. Stopped (Ctrl-C, or SIGTERM as torchrun stops its
         processes), it ends its runs, each keeping its last checkpoint, and exits."""
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-        try:
-            self.run_all()
-        except (KeyboardInterrupt, SystemExit) as stopped:
-            self.stop()
-            self.say("stopped: the same command continues the grid (finished cells are skipped)")
-            raise SystemExit(130 if isinstance(stopped, KeyboardInterrupt) else stopped.code) from None
+        run_until_stopped(self.run_all, self.stop, self.say)
         return [cell for cell in self.cells if self.failed(cell)]
 
     def run_all(self):
