@@ -178,11 +178,15 @@ assert write_on_main(env, out, lambda: "written") == ("written" if env.is_main e
 def fill_the_disk():
     raise OSError(errno.ENOSPC, "No space left on device", str(out / "last.pt"))
 
+def say(line):  # one write, so that the two ranks' lines on the shared pipe do not interleave (print writes twice)
+    sys.stdout.write(line + "\\n")
+    sys.stdout.flush()
+
 try:
     write_on_main(env, out, fill_the_disk)
-    print(f"rank {env.rank} went on", flush=True)
+    say(f"rank {env.rank} went on")
 except DiskFullError as error:
-    print(f"rank {env.rank} stopped: {error}", flush=True)
+    say(f"rank {env.rank} stopped: {error}")
 cleanup_distributed()
 """
 
