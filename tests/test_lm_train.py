@@ -89,9 +89,11 @@ def test_offline_top_k_trains_as_the_online_teacher_does(corpus, run_lm, tmp_pat
     run_lm(*tiny(corpus, "--epochs", "1", "--deterministic", "--out", str(online)))
     run_lm(*tiny(corpus, "--epochs", "1", "--deterministic", "--teacher-topk", str(dump), "--out", str(offline)))
     (expected,), (got,) = records(online), records(offline)
-    # The dump holds the teacher's logits in float16: the same steps, within its rounding.
-    for key in ("loss_total", "val_loss", "val_agreement", "val_tau"):
+    # The dump holds the teacher's logits in float16: the same steps, within its rounding. Agreement counts whole
+    # positions (a few hundred here), so a near tie that float16 turns moves it by a fraction of a percent.
+    for key in ("loss_total", "val_loss", "val_tau"):
         assert got[key] == pytest.approx(expected[key], rel=2e-3, abs=2e-3), key
+    assert got["val_agreement"] == pytest.approx(expected["val_agreement"], abs=1.0)
     assert got["teacher_ppl"] is None  # the teacher was never loaded
 
     with pytest.raises(SystemExit) as stopped:  # a dump of another K serves no run with --topk 6
